@@ -1,0 +1,140 @@
+# Shared paths, ports and helpers for the native stack; sourced by the other scripts.
+# Every setting can be overridden from the environment.
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+RUN_DIR="${FLEETPLANE_RUN_DIR:-$REPO_ROOT/.run}"
+CACHE_DIR="${FLEETPLANE_CACHE:-$HOME/.cache/fleetplane}"
+VENV_PYTHON="$REPO_ROOT/.venv/bin/python"
+
+LOG_DIR="$RUN_DIR/logs"
+PID_DIR="$RUN_DIR/pids"
+PKI_DIR="$RUN_DIR/pki"
+
+KAFKA_VERSION="3.9.1"
+KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
+KAFKA_PORT="${FLEETPLANE_KAFKA_PORT:-19092}"
+KAFKA_CONTROLLER_PORT="${FLEETPLANE_KAFKA_CONTROLLER_PORT:-19093}"
+KAFKA_HEAP_OPTS="${FLEETPLANE_KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}"
+
+PG_BIN="${FLEETPLANE_PG_BIN:-/usr/lib/postgresql/15/bin}"
+PG_PORT="${FLEETPLANE_DATABASE_PORT:-15432}"
+PG_DB="${FLEETPLANE_DATABASE_NAME:-fleetplane}"
+PG_USER="${FLEETPLANE_DATABASE_USER:-fleetplane}"
+PG_PASSWORD="${FLEETPLANE_DATABASE_PASSWORD:-fleetplane}"
+
+EDGE_PORT="${FLEETPLANE_EDGE_PORT:-18443}"
+API_PORTS="${FLEETPLANE_API_PORTS:-18081 18082}"
+NGINX_WORKERS="${FLEETPLANE_NGINX_WORKERS:-1}"
+NGINX_MODULES="${FLEETPLANE_NGINX_MODULES:-/usr/lib/nginx/modules}"
+
+# Seconds to wait for a service to become ready, and for it to stop before SIGKILL.
+START_TIMEOUT="${FLEETPLANE_START_TIMEOUT:-60}"
+STOP_TIMEOUT="${FLEETPLANE_STOP_TIMEOUT:-30}"
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Elapsed time since the script started (bash 5's microsecond clock), for "ready in" lines.
+_T0="${EPOCHREALTIME/./}"
+elapsed() {
+    local us=$((${EPOCHREALTIME/./} - _T0))
+    printf '%d.%ds' $((us / 1000000)) $((us / 100000 % 10))
+}
+
+port_open() {
+    # bash's /dev/tcp avoids depending on nc or ss just to probe a port.
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# True while the process exists and is not a zombie: an orphan may linger as a
+# zombie when PID 1 does not reap, and kill -0 would still succeed on it.
+alive() {
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    stat="${stat##*) }"
+    [[ -n "$stat" && "${stat%% *}" != Z ]]
+}
+
+# The pid in a pid file, if that process is alive and its command line contains
+# the pattern (so a recycled pid is never mistaken for our service).
+live_pid() {
+    local pidfile="$1" pattern="$2" pid
+    [[ -s "$pidfile" ]] || return 1
+    pid="$(head -n1 "$pidfile")"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    alive "$pid" || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$pattern" || return 1
+    printf '%s' "$pid"
+}
+
+# wait_until <what> <timeout> <pidfile> <pattern> <logfile> <command...>
+# Polls the command until it succeeds; fails early, with the log's tail, when the
+# process dies, and fails after the timeout.
+wait_until() {
+    local what="$1" timeout="$2" pidfile="$3" pattern="$4" logfile="$5"
+    shift 5
+    local deadline=$((SECONDS + timeout))
+    until "$@"; do
+        if ! live_pid "$pidfile" "$pattern" >/dev/null; then
+            tail -n 30 "$logfile" >&2 || true
+            die "$what: process exited during start-up (log: $logfile)"
+        fi
+        if ((SECONDS >= deadline)); then
+            tail -n 30 "$logfile" >&2 || true
+            die "$what: not ready after ${timeout}s (log: $logfile)"
+        fi
+        sleep 0.2
+    done
+}
+
+# stop_pid <name> <pidfile> <pattern> [signal]
+# Sends the signal (default TERM), waits STOP_TIMEOUT, then SIGKILLs the process
+# group (the services run as group leaders, so their workers go with them).
+stop_pid() {
+    local name="$1" pidfile="$2" pattern="$3" signal="${4:-TERM}" pid deadline
+    if ! pid="$(live_pid "$pidfile" "$pattern")"; then
+        rm -f "$pidfile"
+        say "$name: not running"
+        return 0
+    fi
+    kill "-$signal" "$pid"
+    deadline=$((SECONDS + STOP_TIMEOUT))
+    while alive "$pid" && ((SECONDS < deadline)); do
+        sleep 0.2
+    done
+    if alive "$pid"; then
+        say "$name: still running after ${STOP_TIMEOUT}s, sending SIGKILL"
+        if [[ "$(ps -o pgid= -p "$pid" | tr -d ' ')" == "$pid" ]]; then
+            kill -KILL -- "-$pid" 2>/dev/null || true
+        else
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        while alive "$pid"; do sleep 0.1; done
+    fi
+    rm -f "$pidfile"
+    say "$name: stopped"
+}
+
+# status_line <name> <pidfile> <pattern> <port>; returns 0 when running.
+status_line() {
+    local name="$1" pidfile="$2" pattern="$3" port="$4" pid
+    if pid="$(live_pid "$pidfile" "$pattern")"; then
+        if port_open "$port"; then
+            say "$name: running (pid $pid, 127.0.0.1:$port)"
+        else
+            say "$name: running (pid $pid), 127.0.0.1:$port not listening"
+        fi
+        return 0
+    fi
+    say "$name: stopped"
+    return 3
+}
+
+# Refuse to start when something else already holds one of our ports.
+require_free_port() {
+    if port_open "$2"; then
+        die "$1: 127.0.0.1:$2 is already in use by another process"
+    fi
+}
+
+mkdir -p "$LOG_DIR" "$PID_DIR"

@@ -1,0 +1,281 @@
+"""Turning a partition's records into effects: the controller's domain logic.
+
+Plain functions and data, no faust and no database: ``decode`` sorts records into
+valid ones and poison, ``plan_batch`` decides, in partition order, what each event
+does to the fleet state given what PostgreSQL already holds. ``store.py`` writes
+the plan; ``pipeline.py`` ties the two together under the ownership fence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from services.shared.events import (
+    AgentEventRecord,
+    CommandResultEvent,
+    HeartbeatEvent,
+    ObservedStateEvent,
+    decode_topic_record,
+)
+
+AgentKey = tuple[str, str]
+"""(customer id, agent id)"""
+EnvironmentKey = tuple[str, str]
+"""(customer id, environment id)"""
+EventKey = tuple[str, str, str]
+"""(customer id, agent id, event id): the deduplication key."""
+
+Status = Literal["applied", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """One record as consumed from the events topic."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Poison:
+    """A record that can never be applied; it goes to the dead-letter topic."""
+
+    delivered: Delivered
+    reason: Literal["undecodable", "unknown_type", "invalid"]
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    delivered: Delivered
+    record: AgentEventRecord
+
+    @property
+    def event_key(self) -> EventKey:
+        return (self.record.customer_id, self.record.agent_id, self.record.event.id)
+
+
+def decode(delivered: Delivered) -> Decoded | Poison:
+    """Validate one record against the topic contract; never raises."""
+    if delivered.value is None:
+        return Poison(delivered, "undecodable", "record has no value")
+    try:
+        record = decode_topic_record(delivered.value)
+    except ValidationError as e:
+        kinds = {error["type"] for error in e.errors()}
+        if "json_invalid" in kinds or "json_type" in kinds:
+            return Poison(delivered, "undecodable", "value is not a JSON object")
+        if "union_tag_invalid" in kinds:
+            return Poison(delivered, "unknown_type", _summarise(e))
+        return Poison(delivered, "invalid", _summarise(e))
+    if delivered.key is not None and delivered.key != record.customer_id.encode():
+        # The key decides the partition and so the owner; a mismatch would let
+        # two controllers write one customer.
+        return Poison(delivered, "invalid", "record key is not the record's customer id")
+    return Decoded(delivered, record)
+
+
+def _summarise(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        location = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{location}: {item['msg']}")
+    return "; ".join(parts)
+
+
+@dataclass(slots=True)
+class AgentState:
+    """An agent's sequencing state: which boot, which sequence number last applied."""
+
+    environment_id: str
+    boot_id: str
+    last_seq: int
+    last_event_at: datetime
+    last_heartbeat_at: datetime | None = None
+    resync_requested_at: datetime | None = None
+    resync_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRow:
+    customer_id: str
+    environment_id: str
+    status: str
+
+
+@dataclass(slots=True)
+class EnvironmentDelta:
+    """What one batch changes in one environment, merged in partition order."""
+
+    last_heartbeat_at: datetime | None = None
+    agent_version: str | None = None
+    health: str | None = None
+    observed_state: list[dict[str, Any]] | None = None
+    observed_reports: int = 0
+    observed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decoded: Decoded
+    status: Status
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandUpdate:
+    command_id: int
+    status: Literal["succeeded", "failed"]
+    message: str
+
+
+@dataclass(slots=True)
+class Plan:
+    outcomes: list[Outcome] = field(default_factory=list)
+    agents: dict[AgentKey, AgentState] = field(default_factory=dict)
+    environments: dict[EnvironmentKey, EnvironmentDelta] = field(default_factory=dict)
+    command_updates: list[CommandUpdate] = field(default_factory=list)
+    duplicates: int = 0
+    resync_requests: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class KnownState:
+    """What PostgreSQL holds about the records of one batch, loaded before planning."""
+
+    recorded_events: frozenset[EventKey]
+    agents: Mapping[AgentKey, AgentState]
+    commands: Mapping[int, CommandRow]
+
+
+def plan_batch(batch: Sequence[Decoded], known: KnownState) -> Plan:
+    """Decide every event's outcome and effects, in partition order.
+
+    Sequencing is per agent boot: the next sequence number applies; a higher one
+    applies and requests a full-state resync (a gap); a lower or equal one is
+    rejected as stale; a new boot id requests a resync. An observed-state report is
+    the full state, so it satisfies any pending resync.
+    """
+    plan = Plan()
+    agents = {key: replace(state) for key, state in known.agents.items()}
+    seen: set[EventKey] = set(known.recorded_events)
+    settled_commands: set[int] = set()
+
+    for decoded in batch:
+        if decoded.event_key in seen:
+            plan.duplicates += 1
+            continue
+        seen.add(decoded.event_key)
+        record = decoded.record
+        event = record.event
+        agent_key = (record.customer_id, record.agent_id)
+        state = agents.get(agent_key)
+
+        resync: str | None = None
+        if state is None or state.boot_id != event.boot_id:
+            resync = "new_boot"
+        elif event.seq <= state.last_seq:
+            plan.outcomes.append(
+                Outcome(
+                    decoded,
+                    "rejected",
+                    f"stale sequence {event.seq}: boot {event.boot_id} already at {state.last_seq}",
+                )
+            )
+            continue
+        elif event.seq > state.last_seq + 1:
+            resync = "sequence_gap"
+
+        if state is None:
+            state = AgentState(record.environment_id, event.boot_id, event.seq, record.accepted_at)
+            agents[agent_key] = state
+        state.environment_id = record.environment_id
+        state.boot_id = event.boot_id
+        state.last_seq = event.seq
+        state.last_event_at = record.accepted_at
+        plan.agents[agent_key] = state
+
+        outcome = _apply_event(decoded, state, plan, known, settled_commands)
+        plan.outcomes.append(outcome)
+
+        if isinstance(event, ObservedStateEvent) and outcome.status == "applied":
+            state.resync_requested_at = None
+            state.resync_reason = None
+        elif resync is not None:
+            state.resync_requested_at = record.accepted_at
+            state.resync_reason = resync
+            plan.resync_requests.append(resync)
+    return plan
+
+
+def _apply_event(
+    decoded: Decoded,
+    state: AgentState,
+    plan: Plan,
+    known: KnownState,
+    settled_commands: set[int],
+) -> Outcome:
+    record = decoded.record
+    event = record.event
+    env_key = (record.customer_id, record.environment_id)
+    if isinstance(event, HeartbeatEvent):
+        delta = plan.environments.setdefault(env_key, EnvironmentDelta())
+        delta.last_heartbeat_at = _latest(delta.last_heartbeat_at, record.accepted_at)
+        delta.agent_version = event.payload.agent_version
+        delta.health = event.payload.health
+        state.last_heartbeat_at = _latest(state.last_heartbeat_at, record.accepted_at)
+        return Outcome(decoded, "applied")
+    if isinstance(event, ObservedStateEvent):
+        delta = plan.environments.setdefault(env_key, EnvironmentDelta())
+        delta.observed_state = [r.model_dump() for r in event.payload.resources]
+        delta.observed_reports += 1
+        delta.observed_at = record.accepted_at
+        return Outcome(decoded, "applied")
+    if isinstance(event, CommandResultEvent):
+        return _command_result(decoded, event, plan, known, settled_commands)
+    raise AssertionError(f"unhandled event type {event!r}")  # pragma: no cover
+
+
+def _command_result(
+    decoded: Decoded,
+    event: CommandResultEvent,
+    plan: Plan,
+    known: KnownState,
+    settled_commands: set[int],
+) -> Outcome:
+    record = decoded.record
+    command_id = event.payload.command_id
+    command = known.commands.get(command_id)
+    if command is None or (command.customer_id, command.environment_id) != (
+        record.customer_id,
+        record.environment_id,
+    ):
+        # Same answer for "no such command" and "another environment's command":
+        # an agent learns nothing about commands it does not own.
+        return Outcome(decoded, "rejected", f"unknown command {command_id}")
+    if command.status != "pending" or command_id in settled_commands:
+        return Outcome(decoded, "rejected", f"command {command_id} is already {command.status}")
+    settled_commands.add(command_id)
+    plan.command_updates.append(
+        CommandUpdate(command_id, event.payload.outcome, event.payload.message)
+    )
+    return Outcome(decoded, "applied")
+
+
+def _latest(current: datetime | None, candidate: datetime) -> datetime:
+    return candidate if current is None or candidate > current else current
+
+
+def command_ids(batch: Iterable[Decoded]) -> set[int]:
+    return {
+        d.record.event.payload.command_id
+        for d in batch
+        if isinstance(d.record.event, CommandResultEvent)
+    }

@@ -1,0 +1,1 @@
+"""Agent authentication: certificates, enrollment and revocation."""

@@ -1,0 +1,180 @@
+"""The closed list of Fleetplane's metric names.
+
+Every metric any service exports is declared here once, with its type, unit and
+meaning, so dashboards, alerts and code agree. Services build their collectors
+from these specs into a registry of their own (no process-global registry, so
+several apps can live in one test process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SIZE_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    name: str
+    kind: Kind
+    unit: str
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+
+
+# --- API -------------------------------------------------------------------------
+API_REQUESTS: Final = MetricSpec(
+    "fleetplane_api_requests_total",
+    "counter",
+    "requests",
+    "HTTP requests answered by the API, by route template, method and status.",
+    ("route", "method", "status"),
+)
+API_REQUEST_DURATION: Final = MetricSpec(
+    "fleetplane_api_request_duration_seconds",
+    "histogram",
+    "seconds",
+    "Time from request received to response ready, by route template and method.",
+    ("route", "method"),
+)
+API_EVENTS_ACCEPTED: Final = MetricSpec(
+    "fleetplane_api_events_accepted_total",
+    "counter",
+    "events",
+    "Agent events acknowledged by Kafka and answered 202, by event type.",
+    ("type",),
+)
+API_BATCHES_REFUSED: Final = MetricSpec(
+    "fleetplane_api_batches_refused_total",
+    "counter",
+    "batches",
+    "Event batches refused before producing anything, by reason.",
+    ("reason",),
+)
+API_PRODUCE_DURATION: Final = MetricSpec(
+    "fleetplane_api_produce_duration_seconds",
+    "histogram",
+    "seconds",
+    "Time for Kafka to acknowledge every event of one batch.",
+)
+API_KAFKA_UNAVAILABLE: Final = MetricSpec(
+    "fleetplane_api_kafka_unavailable_total",
+    "counter",
+    "batches",
+    "Batches answered 503 because Kafka did not acknowledge in time.",
+)
+
+# --- Controller ------------------------------------------------------------------
+CONTROLLER_EVENTS_APPLIED: Final = MetricSpec(
+    "fleetplane_controller_events_applied_total",
+    "counter",
+    "events",
+    "Agent events recorded in PostgreSQL, by type and outcome (applied or rejected).",
+    ("type", "status"),
+)
+CONTROLLER_DUPLICATES: Final = MetricSpec(
+    "fleetplane_controller_duplicates_skipped_total",
+    "counter",
+    "events",
+    "Redelivered records skipped: offset already applied or event id already recorded.",
+)
+CONTROLLER_BATCH_DURATION: Final = MetricSpec(
+    "fleetplane_controller_apply_duration_seconds",
+    "histogram",
+    "seconds",
+    "Time to apply one batch to PostgreSQL, including the fence check and commit.",
+)
+CONTROLLER_BATCH_SIZE: Final = MetricSpec(
+    "fleetplane_controller_batch_size",
+    "histogram",
+    "records",
+    "Records per applied batch.",
+    buckets=SIZE_BUCKETS,
+)
+CONTROLLER_DEAD_LETTERS: Final = MetricSpec(
+    "fleetplane_controller_dead_letters_total",
+    "counter",
+    "records",
+    "Poison records sent to the dead-letter topic, by reason.",
+    ("reason",),
+)
+CONTROLLER_FENCED_WRITES: Final = MetricSpec(
+    "fleetplane_controller_fenced_writes_total",
+    "counter",
+    "transactions",
+    "Apply transactions refused because this controller's epoch was no longer current.",
+)
+CONTROLLER_DATABASE_RETRIES: Final = MetricSpec(
+    "fleetplane_controller_database_retries_total",
+    "counter",
+    "attempts",
+    "Apply attempts that failed on a database error and were retried (back-pressure).",
+)
+CONTROLLER_REBALANCES: Final = MetricSpec(
+    "fleetplane_controller_rebalances_total",
+    "counter",
+    "rebalances",
+    "Partition assignments received from the consumer group.",
+)
+CONTROLLER_OWNED_PARTITIONS: Final = MetricSpec(
+    "fleetplane_controller_owned_partitions",
+    "gauge",
+    "partitions",
+    "Partitions this controller currently owns with a valid epoch.",
+)
+CONTROLLER_RESYNC_REQUESTS: Final = MetricSpec(
+    "fleetplane_controller_resync_requests_total",
+    "counter",
+    "requests",
+    "Full-state resyncs requested from agents, by reason (new_boot, sequence_gap).",
+    ("reason",),
+)
+
+ALL_METRICS: Final = (
+    API_REQUESTS,
+    API_REQUEST_DURATION,
+    API_EVENTS_ACCEPTED,
+    API_BATCHES_REFUSED,
+    API_PRODUCE_DURATION,
+    API_KAFKA_UNAVAILABLE,
+    CONTROLLER_EVENTS_APPLIED,
+    CONTROLLER_DUPLICATES,
+    CONTROLLER_BATCH_DURATION,
+    CONTROLLER_BATCH_SIZE,
+    CONTROLLER_DEAD_LETTERS,
+    CONTROLLER_FENCED_WRITES,
+    CONTROLLER_DATABASE_RETRIES,
+    CONTROLLER_REBALANCES,
+    CONTROLLER_OWNED_PARTITIONS,
+    CONTROLLER_RESYNC_REQUESTS,
+)
+
+
+def _check(spec: MetricSpec, kind: Kind) -> None:
+    if spec not in ALL_METRICS:
+        raise ValueError(f"metric {spec.name} is not in the shared list")
+    if spec.kind != kind:
+        raise TypeError(f"metric {spec.name} is a {spec.kind}, not a {kind}")
+
+
+def counter(registry: CollectorRegistry, spec: MetricSpec) -> Counter:
+    _check(spec, "counter")
+    # prometheus_client appends _total itself.
+    return Counter(spec.name.removesuffix("_total"), spec.help, spec.labels, registry=registry)
+
+
+def gauge(registry: CollectorRegistry, spec: MetricSpec) -> Gauge:
+    _check(spec, "gauge")
+    return Gauge(spec.name, spec.help, spec.labels, registry=registry)
+
+
+def histogram(registry: CollectorRegistry, spec: MetricSpec) -> Histogram:
+    _check(spec, "histogram")
+    return Histogram(spec.name, spec.help, spec.labels, registry=registry, buckets=spec.buckets)

@@ -1,0 +1,129 @@
+"""PostgreSQL tables, as SQLAlchemy Core metadata.
+
+Fleet state (everything here but the gateway_auth tables, which that service adds
+in its own migrations) has exactly one writer: the controller that owns the
+customer's partition. The API only reads it. Alembic migrations under
+``services/shared/migrations`` create these tables; this module must match them
+(a test compares the two).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Sequence,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata: Final = MetaData()
+
+# One global, strictly increasing source of owner epochs for every partition.
+epoch_sequence: Final = Sequence("ownership_epoch_seq", metadata=metadata)
+
+partition_ownership: Final = Table(
+    "partition_ownership",
+    metadata,
+    Column("topic", Text, primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("epoch", BigInteger, nullable=False),
+    Column("owner", Text, nullable=False),
+    # Offset of the next record to apply: stored in the same transaction as the
+    # effects of everything before it.
+    Column("next_offset", BigInteger, nullable=False, server_default=text("0")),
+    Column("assigned_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+environments: Final = Table(
+    "environments",
+    metadata,
+    Column("customer_id", Text, primary_key=True),
+    Column("environment_id", Text, primary_key=True),
+    Column("last_heartbeat_at", DateTime(timezone=True)),
+    Column("agent_version", Text),
+    Column("health", Text),
+    Column("observed_state", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("observed_revision", BigInteger, nullable=False, server_default=text("0")),
+    Column("observed_at", DateTime(timezone=True)),
+    Column("desired_state", JSONB),
+    Column("desired_revision", BigInteger, nullable=False, server_default=text("0")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+agent_status: Final = Table(
+    "agent_status",
+    metadata,
+    Column("customer_id", Text, primary_key=True),
+    Column("agent_id", Text, primary_key=True),
+    Column("environment_id", Text, nullable=False),
+    Column("boot_id", Text, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("last_event_at", DateTime(timezone=True), nullable=False),
+    Column("last_heartbeat_at", DateTime(timezone=True)),
+    # Set when a new boot or a sequence gap was seen: the agent is asked for a
+    # full-state report instead of the gap being dropped silently.
+    Column("resync_requested_at", DateTime(timezone=True)),
+    Column("resync_reason", Text),
+)
+
+event_records: Final = Table(
+    "event_records",
+    metadata,
+    # The deduplication key: (customer, agent, agent-chosen event id).
+    Column("customer_id", Text, primary_key=True),
+    Column("agent_id", Text, primary_key=True),
+    Column("event_id", Text, primary_key=True),
+    Column("environment_id", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("boot_id", Text, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("reason", Text),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("accepted_at", DateTime(timezone=True), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("status IN ('applied', 'rejected')", name="event_records_status"),
+    Index("event_records_partition_offset", "partition", "offset"),
+    Index("event_records_applied_at", "applied_at"),
+)
+
+commands: Final = Table(
+    "commands",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("customer_id", Text, nullable=False),
+    Column("environment_id", Text, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("resource_kind", Text, nullable=False),
+    Column("resource_name", Text, nullable=False),
+    Column("version", Text),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("result_message", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("action IN ('create', 'update', 'delete')", name="commands_action"),
+    CheckConstraint(
+        "status IN ('pending', 'succeeded', 'failed', 'timed_out', 'superseded')",
+        name="commands_status",
+    ),
+    Index("commands_environment_status", "customer_id", "environment_id", "status"),
+)
+
+FLEET_TABLES: Final = (partition_ownership, environments, agent_status, event_records, commands)
