@@ -13,16 +13,14 @@ import sys
 from aiokafka.admin import AIOKafkaAdminClient
 
 
-async def broker_ready(bootstrap: str, timeout: float) -> bool:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000)
-    )
+async def broker_ready(bootstrap: str, request_timeout_ms: int) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
     try:
-        async with asyncio.timeout(timeout):
-            await admin.start()
-            cluster = await admin.describe_cluster()
-            return bool(cluster["brokers"])
-    except Exception:  # noqa: BLE001 - any failure only means "not ready yet"
+        await admin.start()
+        cluster = await admin.describe_cluster()
+        return bool(cluster["brokers"])
+    except Exception:
+        # Any failure only means "not ready yet"; the caller retries and owns the deadline.
         return False
     finally:
         await admin.close()
@@ -31,9 +29,14 @@ async def broker_ready(bootstrap: str, timeout: float) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds for one attempt")
     args = parser.parse_args()
-    return 0 if asyncio.run(broker_ready(args.bootstrap, args.timeout)) else 1
+    attempt = broker_ready(args.bootstrap, int(args.timeout * 1000))
+    try:
+        ready = asyncio.run(asyncio.wait_for(attempt, args.timeout))
+    except TimeoutError:
+        ready = False
+    return 0 if ready else 1
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # the variables are used by the scripts that source this
 # Shared paths, ports and helpers for the native stack; sourced by the other scripts.
 # Every setting can be overridden from the environment.
 
@@ -24,6 +25,7 @@ PG_PASSWORD="${FLEETPLANE_DATABASE_PASSWORD:-fleetplane}"
 
 EDGE_PORT="${FLEETPLANE_EDGE_PORT:-18443}"
 API_PORTS="${FLEETPLANE_API_PORTS:-18081 18082}"
+NGINX_BIN="${FLEETPLANE_NGINX_BIN:-/usr/sbin/nginx}"
 NGINX_WORKERS="${FLEETPLANE_NGINX_WORKERS:-1}"
 NGINX_MODULES="${FLEETPLANE_NGINX_MODULES:-/usr/lib/nginx/modules}"
 
@@ -46,13 +48,18 @@ port_open() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-# True while the process exists and is not a zombie: an orphan may linger as a
-# zombie when PID 1 does not reap, and kill -0 would still succeed on it.
+# True while any thread of the process is still running. An exited process can
+# linger as a zombie (PID 1 here reaps late), where kill -0 still succeeds; and a
+# multi-threaded one (the JVM) shows its main thread as a zombie while the other
+# threads, which still hold its sockets, are being torn down.
 alive() {
     local stat
-    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    stat="${stat##*) }"
-    [[ -n "$stat" && "${stat%% *}" != Z ]]
+    for stat in /proc/"$1"/task/*/stat; do
+        stat="$(cat "$stat" 2>/dev/null)" || continue
+        stat="${stat##*) }"
+        [[ "${stat%% *}" != Z ]] && return 0
+    done
+    return 1
 }
 
 # The pid in a pid file, if that process is alive and its command line contains
@@ -89,7 +96,8 @@ wait_until() {
 
 # stop_pid <name> <pidfile> <pattern> [signal]
 # Sends the signal (default TERM), waits STOP_TIMEOUT, then SIGKILLs the process
-# group (the services run as group leaders, so their workers go with them).
+# group: nginx workers share their master's group and go with it (PostgreSQL
+# backends lead their own groups but exit by themselves when the postmaster dies).
 stop_pid() {
     local name="$1" pidfile="$2" pattern="$3" signal="${4:-TERM}" pid deadline
     if ! pid="$(live_pid "$pidfile" "$pattern")"; then

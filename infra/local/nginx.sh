@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# nginx edge: agent mTLS on 127.0.0.1, proxying /v1/ to the API instances over mTLS.
+# Usage: nginx.sh start|stop|reload|status
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+NGINX_DIR="$RUN_DIR/nginx"
+CONF="$NGINX_DIR/nginx.conf"
+TEMPLATE="$REPO_ROOT/infra/nginx/edge.conf.template"
+PIDFILE="$PID_DIR/nginx.pid"
+LOGFILE="$LOG_DIR/nginx.log"
+PATTERN="-c $CONF"
+NGINX=("$NGINX_BIN" -e "$NGINX_DIR/logs/error.log" -p "$NGINX_DIR" -c "$CONF")
+
+render() {
+    [[ -f "$PKI_DIR/agent-ca-bundle.pem" && -f "$PKI_DIR/edge-client.pem" ]] ||
+        die "nginx: PKI missing in $PKI_DIR; run infra/local/setup.sh"
+    mkdir -p "$NGINX_DIR/logs" "$NGINX_DIR/temp"
+    local servers="" port
+    for port in $API_PORTS; do
+        servers+="        server 127.0.0.1:$port max_fails=1 fail_timeout=2s;"$'\n'
+    done
+    # Plain placeholder replacement: nginx's own $variables stay untouched, and
+    # a placeholder left unfilled is an error rather than a silent blank.
+    NGINX_MODULES="$NGINX_MODULES" NGINX_WORKERS="$NGINX_WORKERS" PID_FILE="$PIDFILE" \
+        NGINX_DIR="$NGINX_DIR" PKI_DIR="$PKI_DIR" REPO_ROOT="$REPO_ROOT" \
+        EDGE_PORT="$EDGE_PORT" API_SERVERS="${servers%$'\n'}" \
+        python3 - "$TEMPLATE" "$CONF" <<'PY'
+import os, re, sys
+text = open(sys.argv[1]).read()
+missing = {n for n in re.findall(r"@@([A-Z_]+)@@", text) if n not in os.environ}
+if missing:
+    sys.exit(f"nginx: template placeholders without a value: {sorted(missing)}")
+text = re.sub(r"@@([A-Z_]+)@@", lambda m: os.environ[m.group(1)], text)
+open(sys.argv[2], "w").write(text)
+PY
+    "${NGINX[@]}" -t -q 2>"$NGINX_DIR/logs/config-test.log" ||
+        { cat "$NGINX_DIR/logs/config-test.log" >&2; die "nginx: configuration test failed ($CONF)"; }
+}
+
+# Any TLS answer will do: without a client certificate the edge answers 401.
+answers() {
+    [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 --cacert "$PKI_DIR/root-ca.pem" \
+        "https://127.0.0.1:$EDGE_PORT/")" == 401 ]]
+}
+
+start() {
+    if pid="$(live_pid "$PIDFILE" "$PATTERN")"; then
+        say "nginx: already running (pid $pid)"
+        return 0
+    fi
+    require_free_port nginx "$EDGE_PORT"
+    render
+    # daemon off under setsid: we know the master's pid at once, and it leads a
+    # process group that holds its workers.
+    setsid "${NGINX[@]}" -g 'daemon off;' >>"$LOGFILE" 2>&1 </dev/null &
+    echo $! >"$PIDFILE"
+    say "nginx: starting (pid $!, log $NGINX_DIR/logs/error.log)"
+    wait_until nginx 10 "$PIDFILE" "$PATTERN" "$NGINX_DIR/logs/error.log" answers
+    say "nginx: ready on https://127.0.0.1:$EDGE_PORT in $(elapsed)"
+}
+
+reload() {
+    local pid
+    pid="$(live_pid "$PIDFILE" "$PATTERN")" || die "nginx: not running"
+    render
+    kill -HUP "$pid"
+    say "nginx: reloaded (pid $pid)"
+}
+
+case "${1:-}" in
+start) start ;;
+stop) stop_pid nginx "$PIDFILE" "$PATTERN" ;;
+reload) reload ;;
+status) status_line nginx "$PIDFILE" "$PATTERN" "$EDGE_PORT" ;;
+*) die "usage: $0 start|stop|reload|status" ;;
+esac
