@@ -16,7 +16,7 @@ from typing import Any, cast
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -73,6 +73,8 @@ class ControllerApp(faust.App):
 def create_app(settings: ControllerSettings) -> ControllerApp:
     """Build the controller; nothing connects until the faust worker starts it."""
     kafka = settings.kafka
+    # faust creates only the last level of its data folder.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = ControllerApp(
         settings.group_id,
         broker=[f"kafka://{host}" for host in kafka.kafka_bootstrap.split(",")],
@@ -162,4 +164,7 @@ def _register_pages(app: ControllerApp) -> None:
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(app.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+        # aiohttp refuses a charset inside content_type; the exposition format is UTF-8.
+        return web.bytes(
+            generate_latest(app.metrics.registry), content_type="text/plain; version=0.0.4"
+        )

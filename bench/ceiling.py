@@ -1,0 +1,171 @@
+"""Section ``ceiling``: what one controller and one edge+API path can carry.
+
+- ``apply_events_per_s``: one controller applying a pre-filled topic into
+  PostgreSQL (no HTTP), measured from the first to the last applied transaction;
+- ``accept_rps``: nginx + two API processes accepting single-event POSTs into
+  Kafka (no controller), driven by vegeta over mutual TLS for a fixed duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+
+from bench.tools import vegeta
+from services.gateway_auth.pki import load_issuing_ca, write_agent_certificate
+from tests.support.deployment import Deployment
+from tests.support.stack import FleetEnv, Stack, prepare_template
+
+APPLY_EVENTS = 60_000
+APPLY_CUSTOMERS = 200
+ACCEPT_DURATION_S = 15
+ACCEPT_WORKERS = 32
+RUNS = 3
+
+
+def _record(customer: int, seq: int) -> bytes:
+    return json.dumps(
+        {
+            "customer_id": f"cust-{customer}",
+            "environment_id": "prod",
+            "agent_id": "agent-1",
+            "accepted_at": datetime.now(UTC).isoformat(),
+            "event": {
+                "id": f"ev-{customer}-{seq}",
+                "boot_id": "boot-1",
+                "seq": seq,
+                "type": "heartbeat",
+                "payload": {"agent_version": "1.4.2", "health": "ok", "message": ""},
+            },
+        }
+    ).encode()
+
+
+async def _prefill(deployment: Deployment) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=deployment.fleet.stack.kafka_bootstrap, acks="all", linger_ms=20
+    )
+    await producer.start()
+    try:
+        pending = []
+        per_customer = APPLY_EVENTS // APPLY_CUSTOMERS
+        for seq in range(1, per_customer + 1):
+            for customer in range(APPLY_CUSTOMERS):
+                pending.append(
+                    await producer.send(
+                        deployment.fleet.events_topic,
+                        _record(customer, seq),
+                        key=f"cust-{customer}".encode(),
+                    )
+                )
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+def _applied_window(dsn: str) -> tuple[int, float]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*), extract(epoch FROM max(applied_at) - min(applied_at)) "
+            "FROM event_records"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), float(row[1] or 0.0)
+
+
+def apply_once(stack: Stack, log_dir: Path) -> float:
+    deployment = Deployment(FleetEnv.new(stack, partitions=12), log_dir).create()
+    try:
+        asyncio.run(_prefill(deployment))
+        deployment.start_controller("bench")
+        dsn = stack.admin_dsn(deployment.fleet.database_name)
+        deadline = time.monotonic() + 600
+        while True:
+            count, window = _applied_window(dsn)
+            if count >= APPLY_EVENTS:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {count} of {APPLY_EVENTS} applied")
+            time.sleep(0.5)
+        return APPLY_EVENTS / window
+    finally:
+        deployment.close()
+
+
+def accept_once(stack: Stack, log_dir: Path, work: Path) -> dict[str, float]:
+    deployment = Deployment(FleetEnv.new(stack, partitions=12), log_dir).create()
+    try:
+        deployment.start_apis()
+        ca = load_issuing_ca(stack.pki_dir)
+        cert, key = write_agent_certificate(ca, work, "bench", "prod", "agent-1")
+        body = work / "event.json"
+        body.write_text(
+            json.dumps(
+                {
+                    "events": [
+                        {
+                            "id": "bench-1",
+                            "boot_id": "boot-1",
+                            "seq": 1,
+                            "type": "heartbeat",
+                            "payload": {"agent_version": "1.4.2", "health": "ok"},
+                        }
+                    ]
+                }
+            )
+        )
+        return vegeta.attack(
+            url=f"{stack.edge_url}/v1/events",
+            body=body,
+            cert=cert,
+            key=key,
+            root_ca=stack.pki_dir / "root-ca.pem",
+            duration_s=ACCEPT_DURATION_S,
+            workers=ACCEPT_WORKERS,
+        )
+    finally:
+        deployment.close()
+
+
+def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
+    prepare_template(stack)
+    log_dir = stack.run_dir / "bench-logs"
+    apply_rates = []
+    accept_runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(RUNS):
+            print(f"  ceiling run {i + 1}/{RUNS}: apply", flush=True)
+            apply_rates.append(apply_once(stack, log_dir))
+            print(f"  ceiling run {i + 1}/{RUNS}: accept", flush=True)
+            accept_runs.append(accept_once(stack, log_dir, Path(tmp)))
+    figures = {
+        "apply_events_per_s": round(statistics.median(apply_rates), 1),
+        "apply_events_per_s_runs": [round(r, 1) for r in apply_rates],
+        "accept_rps": round(statistics.median(r["rps"] for r in accept_runs), 1),
+        "accept_rps_runs": [round(r["rps"], 1) for r in accept_runs],
+        "accept_success_ratio_min": min(r["success"] for r in accept_runs),
+        "accept_p50_ms": round(statistics.median(r["p50_ms"] for r in accept_runs), 2),
+        "accept_p99_ms": round(statistics.median(r["p99_ms"] for r in accept_runs), 2),
+    }
+    parameters = {
+        "runs": RUNS,
+        "apply_events": APPLY_EVENTS,
+        "apply_customers": APPLY_CUSTOMERS,
+        "topic_partitions": 12,
+        "controllers": 1,
+        "accept_duration_s": ACCEPT_DURATION_S,
+        "accept_workers": ACCEPT_WORKERS,
+        "api_processes": 2,
+        "nginx_workers": int(os.environ.get("FLEETPLANE_NGINX_WORKERS", "1")),
+    }
+    return figures, parameters

@@ -1,0 +1,89 @@
+"""Creating the project's Kafka topics with an explicit partition count.
+
+Brokers run with ``auto.create.topics.enable=false``: a topic created by accident
+would get the broker's default partition count, and the partition count decides
+which controller owns a customer. ``python -m services.shared.topics`` creates
+the events topic and its dead-letter topic if missing, and refuses to go on if an
+existing events topic has a different partition count than configured (adding
+partitions follows the drain-then-add runbook, never a silent change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from services.shared.settings import KafkaSettings
+
+logger = logging.getLogger(__name__)
+
+
+class PartitionCountMismatchError(RuntimeError):
+    pass
+
+
+async def ensure_topics(bootstrap: str, wanted: dict[str, int]) -> dict[str, int]:
+    """Create each topic in ``wanted`` (name -> partitions) that is missing.
+
+    Returns every wanted topic's actual partition count.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, num_partitions=count, replication_factor=1)
+            for name, count in wanted.items()
+            if name not in existing
+        ]
+        if missing:
+            # Created concurrently by another starter: the count check below decides.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+            for topic in missing:
+                logger.info("created topic %s (%d partitions)", topic.name, topic.num_partitions)
+        described = await admin.describe_topics(list(wanted))
+        return {d["topic"]: len(d["partitions"]) for d in described}
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+async def ensure_project_topics(settings: KafkaSettings) -> None:
+    counts = await ensure_topics(
+        settings.kafka_bootstrap,
+        {settings.events_topic: settings.topic_partitions, settings.dead_letter_topic: 1},
+    )
+    actual = counts.get(settings.events_topic)
+    if actual != settings.topic_partitions:
+        raise PartitionCountMismatchError(
+            f"{settings.events_topic} has {actual} partitions but {settings.topic_partitions} "
+            "are configured; see docs/runbooks/partitions.md before changing the count"
+        )
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    try:
+        asyncio.run(ensure_project_topics(KafkaSettings()))
+    except PartitionCountMismatchError as e:
+        logger.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Invariant 1: identity comes only from the verified client certificate."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest
+
+from services.gateway_auth.pki import issue_foreign_ca_agent
+from tests.support.agents import TestAgent, agent_ssl_context
+from tests.support.deployment import Deployment
+from tests.support.waiting import eventually
+
+AgentFactory = Any
+HEARTBEAT = {
+    "id": "hb-1",
+    "boot_id": "boot-1",
+    "seq": 1,
+    "type": "heartbeat",
+    "payload": {"agent_version": "1.0.0", "health": "ok"},
+}
+
+
+async def post(context: ssl.SSLContext, url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
+        session.post(url, **kwargs) as reply,
+    ):
+        return reply.status, await reply.json(content_type=None)
+
+
+async def test_edge_refuses_a_request_without_client_certificate(deployment: Deployment) -> None:
+    deployment.start_apis()
+    context = agent_ssl_context(deployment.fleet.stack.pki_dir, None, None)
+    status, body = await post(
+        context, f"{deployment.fleet.stack.edge_url}/v1/events", json={"events": [HEARTBEAT]}
+    )
+    assert status == 401
+    assert body["status"] == 401
+
+
+async def test_edge_refuses_a_certificate_from_another_ca(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    deployment.start_apis()
+    cert_pem, key_pem = issue_foreign_ca_agent("acme", "prod", "agent-1")
+    cert, key = tmp_path / "foreign.pem", tmp_path / "foreign.key"
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    context = agent_ssl_context(deployment.fleet.stack.pki_dir, cert, key)
+    try:
+        status, body = await post(
+            context, f"{deployment.fleet.stack.edge_url}/v1/events", json={"events": [HEARTBEAT]}
+        )
+    except aiohttp.ClientError:
+        return  # refused during the handshake: also a refusal
+    assert status in (400, 401, 403), body
+    assert status != 202
+
+
+async def test_spoofed_identity_headers_are_replaced_by_the_certificate_identity(
+    deployment: Deployment, agents: AgentFactory
+) -> None:
+    deployment.start_apis()
+    deployment.start_controller()
+    agent: TestAgent = agents("acme", "prod", "agent-1")
+    event = agent.heartbeat()
+    status, body = await agent.post_events(
+        [event],
+        headers={
+            "X-Fleetplane-Client-DN": "CN=agent-9,OU=prod,O=victim",
+            "X-Fleetplane-Client-Verify": "SUCCESS",
+            "X-Fleetplane-Identity": "victim",
+        },
+    )
+    assert status == 202, body
+    await eventually(
+        lambda: agent.event_status(event["id"]),
+        lambda r: r[1]["status"] == "applied",
+        what="spoofing agent's event applied",
+    )
+    victim: TestAgent = agents("victim", "prod", "agent-9")
+    _, seen = await victim.event_status(event["id"])
+    assert seen["status"] == "pending"
+    with psycopg.connect(deployment.fleet.stack.admin_dsn(deployment.fleet.database_name)) as conn:
+        owners = conn.execute(
+            "SELECT customer_id, environment_id, agent_id FROM event_records WHERE event_id = %s",
+            (event["id"],),
+        ).fetchall()
+    assert owners == [("acme", "prod", "agent-1")]
+
+
+@pytest.mark.parametrize("with_headers", [True, False], ids=["identity-headers", "no-headers"])
+async def test_api_refuses_identity_not_forwarded_by_the_edge(
+    deployment: Deployment, with_headers: bool
+) -> None:
+    """A caller that reaches the API directly cannot present an identity at all."""
+    api = deployment.start_api(deployment.fleet.stack.api_ports[0])
+    headers = (
+        {
+            "X-Fleetplane-Client-DN": "CN=agent-1,OU=prod,O=acme",
+            "X-Fleetplane-Client-Verify": "SUCCESS",
+        }
+        if with_headers
+        else {}
+    )
+    port = deployment.fleet.stack.api_ports[0]
+    status, body = await post(
+        deployment.api_ssl_context(),
+        f"https://127.0.0.1:{port}/v1/events",
+        json={"events": [HEARTBEAT]},
+        headers=headers,
+    )
+    assert status == (403 if with_headers else 401), body
+    assert body["status"] == status
+    assert body["title"]
+    assert api.alive()
+
+
+async def test_an_agent_cannot_read_another_customers_event(
+    deployment: Deployment, agents: AgentFactory
+) -> None:
+    deployment.start_apis()
+    deployment.start_controller()
+    owner: TestAgent = agents("customer-a", "prod", "agent-1")
+    intruder: TestAgent = agents("customer-b", "prod", "agent-1")
+    event = owner.heartbeat(message="secret of customer a")
+    status, _ = await owner.post_events([event])
+    assert status == 202
+    await eventually(
+        lambda: owner.event_status(event["id"]),
+        lambda r: r[1]["status"] == "applied",
+        what="owner's event applied",
+    )
+    code, body = await intruder.event_status(event["id"])
+    assert code == 200
+    assert body == {"id": event["id"], "status": "pending"}

@@ -1,0 +1,93 @@
+"""A Fleetplane deployment for one test: API and controller processes on a FleetEnv."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+from services.shared.topics import delete_topics, ensure_topics
+from tests.support.processes import ServiceProcess
+from tests.support.stack import FleetEnv, clone_database, drop_database
+
+CONTROLLER_BASE_PORT = 18091
+
+
+class Deployment:
+    """Owns every process it starts; ``close`` stops them and drops the test's data."""
+
+    def __init__(self, fleet: FleetEnv, log_dir: Path) -> None:
+        self.fleet = fleet
+        self.log_dir = log_dir
+        self.apis: dict[int, ServiceProcess] = {}
+        self.controllers: dict[str, ServiceProcess] = {}
+        self._next_controller_port = CONTROLLER_BASE_PORT
+
+    def create(self) -> Deployment:
+        clone_database(self.fleet.stack, self.fleet.database_name)
+        asyncio.run(
+            ensure_topics(
+                self.fleet.stack.kafka_bootstrap,
+                {self.fleet.events_topic: self.fleet.partitions, self.fleet.dead_letter_topic: 1},
+            )
+        )
+        return self
+
+    def api_ssl_context(self) -> ssl.SSLContext:
+        """Trusts the API's server certificate; presents no client certificate."""
+        context = ssl.create_default_context(
+            cafile=str(self.fleet.stack.pki_dir / "internal-ca.pem")
+        )
+        context.check_hostname = False
+        return context
+
+    def start_api(self, port: int) -> ServiceProcess:
+        process = ServiceProcess(
+            name=f"api-{port}",
+            args=["-m", "services.api", "--port", str(port)],
+            env=self.fleet.service_env(),
+            health_url=f"https://127.0.0.1:{port}/readyz",
+            log_path=self.log_dir / f"api-{port}.log",
+            ssl_context=self.api_ssl_context(),
+        ).start()
+        self.apis[port] = process
+        return process
+
+    def start_apis(self) -> None:
+        for port in self.fleet.stack.api_ports:
+            self.start_api(port)
+
+    def start_controller(
+        self, name: str | None = None, *, wait_ready: bool = True
+    ) -> ServiceProcess:
+        name = name or f"controller-{len(self.controllers) + 1}"
+        port = self._next_controller_port
+        self._next_controller_port += 1
+        process = ServiceProcess(
+            name=name,
+            args=[
+                "-m",
+                "services.controller",
+                "--web-port",
+                str(port),
+                "--instance-id",
+                f"{self.fleet.name}-{name}",
+            ],
+            env=self.fleet.service_env(),
+            health_url=f"http://127.0.0.1:{port}/healthz",
+            log_path=self.log_dir / f"{name}.log",
+        )
+        process.start(ready_path="/readyz" if wait_ready else None)
+        self.controllers[name] = process
+        return process
+
+    def close(self) -> None:
+        for process in [*self.controllers.values(), *self.apis.values()]:
+            process.stop()
+        drop_database(self.fleet.stack, self.fleet.database_name)
+        asyncio.run(
+            delete_topics(
+                self.fleet.stack.kafka_bootstrap,
+                [self.fleet.events_topic, self.fleet.dead_letter_topic],
+            )
+        )

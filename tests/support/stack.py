@@ -1,0 +1,118 @@
+"""Where the native stack listens, and per-test isolation on it.
+
+The stack (Kafka, PostgreSQL, nginx) is started by ``make test`` through
+``infra/local/stack.sh``; tests never start or stop it. Each test module gets
+its own topics, consumer group and database, cloned from a migrated template, so
+tests cannot see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from services.shared.migrate import upgrade
+from services.shared.settings import DatabaseSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE_DATABASE = "fleetplane_test_template"
+
+
+@dataclass(frozen=True)
+class Stack:
+    run_dir: Path = Path(os.environ.get("FLEETPLANE_RUN_DIR", ROOT / ".run"))
+    kafka_bootstrap: str = os.environ.get("FLEETPLANE_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    edge_url: str = "https://127.0.0.1:18443"
+    api_ports: tuple[int, ...] = (18081, 18082)
+
+    @property
+    def pki_dir(self) -> Path:
+        return Path(os.environ.get("FLEETPLANE_PKI_DIR", self.run_dir / "pki"))
+
+    def admin_dsn(self, dbname: str = "postgres") -> str:
+        d = self.database
+        return (
+            f"host={d.database_host} port={d.database_port} dbname={dbname} "
+            f"user={d.database_user} password={d.database_password.get_secret_value()}"
+        )
+
+
+def prepare_template(stack: Stack) -> None:
+    """(Re)create the migrated template database that test databases are cloned from."""
+    with psycopg.connect(stack.admin_dsn(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(TEMPLATE_DATABASE)
+            )
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DATABASE)))
+    upgrade(stack.database.model_copy(update={"database_name": TEMPLATE_DATABASE}))
+
+
+def clone_database(stack: Stack, name: str) -> None:
+    with psycopg.connect(stack.admin_dsn(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DATABASE)
+            )
+        )
+
+
+def drop_database(stack: Stack, name: str) -> None:
+    with psycopg.connect(stack.admin_dsn(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@dataclass(frozen=True)
+class FleetEnv:
+    """One isolated deployment on the shared stack: its topics, group and database."""
+
+    stack: Stack
+    name: str
+    partitions: int
+
+    @classmethod
+    def new(cls, stack: Stack, partitions: int = 4) -> FleetEnv:
+        return cls(stack, f"t{uuid.uuid4().hex[:10]}", partitions)
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.name}.events"
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return f"{self.name}.events.dlq"
+
+    @property
+    def database_name(self) -> str:
+        return f"fleetplane_{self.name}"
+
+    @property
+    def database(self) -> DatabaseSettings:
+        return self.stack.database.model_copy(update={"database_name": self.database_name})
+
+    def service_env(self) -> dict[str, str]:
+        """Environment for API and controller processes of this deployment."""
+        env = dict(os.environ)
+        env.update(
+            {
+                "FLEETPLANE_KAFKA_BOOTSTRAP": self.stack.kafka_bootstrap,
+                "FLEETPLANE_EVENTS_TOPIC": self.events_topic,
+                "FLEETPLANE_DEAD_LETTER_TOPIC": self.dead_letter_topic,
+                "FLEETPLANE_TOPIC_PARTITIONS": str(self.partitions),
+                "FLEETPLANE_DATABASE_NAME": self.database_name,
+                "FLEETPLANE_CONTROLLER_GROUP_ID": f"{self.name}-controllers",
+                "FLEETPLANE_CONTROLLER_DATA_DIR": str(self.stack.run_dir / "test-controllers"),
+                "FLEETPLANE_PKI_DIR": str(self.stack.pki_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env

@@ -1,0 +1,198 @@
+"""The controller's planning logic: sequencing, deduplication, command results, poison."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from services.controller.handlers import (
+    AgentState,
+    CommandRow,
+    Decoded,
+    Delivered,
+    KnownState,
+    Poison,
+    decode,
+    plan_batch,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def record(
+    event_id: str,
+    seq: int,
+    *,
+    boot: str = "boot-1",
+    kind: str = "heartbeat",
+    payload: dict[str, Any] | None = None,
+    customer: str = "c1",
+    env: str = "e1",
+    agent: str = "a1",
+    at: datetime = T0,
+) -> dict[str, Any]:
+    if payload is None:
+        payload = {"agent_version": "1.2.3", "health": "ok"}
+    return {
+        "customer_id": customer,
+        "environment_id": env,
+        "agent_id": agent,
+        "accepted_at": at.isoformat(),
+        "event": {"id": event_id, "boot_id": boot, "seq": seq, "type": kind, "payload": payload},
+    }
+
+
+def delivered(
+    value: dict[str, Any] | bytes | None, offset: int = 0, key: bytes = b"c1"
+) -> Delivered:
+    raw = json.dumps(value).encode() if isinstance(value, dict) else value
+    return Delivered(partition=3, offset=offset, key=key, value=raw)
+
+
+def decoded_batch(*records: dict[str, Any]) -> list[Decoded]:
+    batch = []
+    for offset, r in enumerate(records):
+        result = decode(delivered(r, offset, key=r["customer_id"].encode()))
+        assert isinstance(result, Decoded), result
+        batch.append(result)
+    return batch
+
+
+def known(
+    recorded: set[tuple[str, str, str]] | None = None,
+    agents: dict[tuple[str, str], AgentState] | None = None,
+    commands: dict[int, CommandRow] | None = None,
+) -> KnownState:
+    return KnownState(frozenset(recorded or ()), agents or {}, commands or {})
+
+
+def test_consecutive_sequence_applies_and_first_boot_requests_resync() -> None:
+    plan = plan_batch(decoded_batch(record("e1", 1), record("e2", 2), record("e3", 3)), known())
+    assert [o.status for o in plan.outcomes] == ["applied"] * 3
+    state = plan.agents[("c1", "a1")]
+    assert (state.boot_id, state.last_seq) == ("boot-1", 3)
+    assert state.resync_reason == "new_boot"
+    assert plan.resync_requests == ["new_boot"]
+
+
+def test_observed_state_satisfies_a_pending_resync() -> None:
+    observed = {"resources": [{"name": "web", "kind": "deployment", "version": "1.0.0"}]}
+    plan = plan_batch(
+        decoded_batch(record("e1", 1), record("e2", 2, kind="observed_state", payload=observed)),
+        known(),
+    )
+    state = plan.agents[("c1", "a1")]
+    assert state.resync_requested_at is None
+    delta = plan.environments[("c1", "e1")]
+    assert delta.observed_reports == 1
+    assert delta.observed_state == [
+        {"name": "web", "kind": "deployment", "version": "1.0.0", "status": ""}
+    ]
+
+
+def test_gap_applies_and_requests_resync() -> None:
+    agents = {("c1", "a1"): AgentState("e1", "boot-1", 5, T0)}
+    plan = plan_batch(decoded_batch(record("e9", 9)), known(agents=agents))
+    assert plan.outcomes[0].status == "applied"
+    assert plan.agents[("c1", "a1")].resync_reason == "sequence_gap"
+    assert plan.resync_requests == ["sequence_gap"]
+
+
+def test_stale_sequence_is_rejected_with_reason_and_changes_nothing() -> None:
+    agents = {("c1", "a1"): AgentState("e1", "boot-1", 5, T0)}
+    plan = plan_batch(decoded_batch(record("old", 4)), known(agents=agents))
+    assert plan.outcomes[0].status == "rejected"
+    assert plan.outcomes[0].reason is not None
+    assert "stale sequence 4" in plan.outcomes[0].reason
+    assert plan.agents == {}
+    assert plan.environments == {}
+
+
+def test_new_boot_restarts_sequence() -> None:
+    agents = {("c1", "a1"): AgentState("e1", "boot-1", 50, T0)}
+    plan = plan_batch(decoded_batch(record("x", 1, boot="boot-2")), known(agents=agents))
+    assert plan.outcomes[0].status == "applied"
+    assert plan.agents[("c1", "a1")].boot_id == "boot-2"
+    assert plan.resync_requests == ["new_boot"]
+
+
+def test_already_recorded_and_repeated_ids_are_skipped_once_each() -> None:
+    batch = decoded_batch(record("e1", 1), record("e2", 2), record("e2", 2))
+    plan = plan_batch(batch, known(recorded={("c1", "a1", "e1")}))
+    assert [o.decoded.record.event.id for o in plan.outcomes] == ["e2"]
+    assert plan.duplicates == 2
+
+
+def test_same_event_id_of_two_agents_is_not_a_duplicate() -> None:
+    plan = plan_batch(decoded_batch(record("e1", 1), record("e1", 1, agent="a2")), known())
+    assert len(plan.outcomes) == 2
+
+
+def test_heartbeats_keep_the_latest_time_and_last_version() -> None:
+    later = T0 + timedelta(seconds=5)
+    batch = decoded_batch(
+        record("e1", 1, at=later),
+        record("e2", 2, at=T0, payload={"agent_version": "2.0.0", "health": "degraded"}),
+    )
+    delta = plan_batch(batch, known()).environments[("c1", "e1")]
+    assert delta.last_heartbeat_at == later
+    assert (delta.agent_version, delta.health) == ("2.0.0", "degraded")
+
+
+def result(command_id: int, outcome: str = "succeeded") -> dict[str, Any]:
+    return {"command_id": command_id, "epoch": 1, "outcome": outcome, "message": "done"}
+
+
+def test_command_result_settles_a_pending_command_once() -> None:
+    commands = {7: CommandRow("c1", "e1", "pending")}
+    batch = decoded_batch(
+        record("r1", 1, kind="command_result", payload=result(7)),
+        record("r2", 2, kind="command_result", payload=result(7, "failed")),
+    )
+    plan = plan_batch(batch, known(commands=commands))
+    assert [o.status for o in plan.outcomes] == ["applied", "rejected"]
+    assert [(u.command_id, u.status) for u in plan.command_updates] == [(7, "succeeded")]
+
+
+@pytest.mark.parametrize(
+    "row",
+    [None, CommandRow("c2", "e1", "pending"), CommandRow("c1", "other", "pending")],
+    ids=["missing", "other-customer", "other-environment"],
+)
+def test_command_result_for_a_foreign_or_missing_command_is_rejected_alike(
+    row: CommandRow | None,
+) -> None:
+    commands = {} if row is None else {7: row}
+    batch = decoded_batch(record("r1", 1, kind="command_result", payload=result(7)))
+    plan = plan_batch(batch, known(commands=commands))
+    assert plan.outcomes[0].status == "rejected"
+    assert plan.outcomes[0].reason == "unknown command 7"
+    assert plan.command_updates == []
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (None, "undecodable"),
+        (b"\xff\x00not json", "undecodable"),
+        (b"[1, 2]", "invalid"),
+        (record("e1", 1, kind="reboot", payload={}), "unknown_type"),
+        (record("e1", -1), "invalid"),
+        (record("e1", 1, customer="C1!"), "invalid"),
+        ({**record("e1", 1), "extra": 1}, "invalid"),
+    ],
+)
+def test_poison_is_classified(value: dict[str, Any] | bytes | None, reason: str) -> None:
+    result = decode(delivered(value))
+    assert isinstance(result, Poison)
+    assert result.reason == reason
+    assert result.detail
+
+
+def test_key_must_be_the_customer_id() -> None:
+    result = decode(delivered(record("e1", 1), key=b"c2"))
+    assert isinstance(result, Poison)
+    assert "key" in result.detail
