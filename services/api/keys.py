@@ -1,0 +1,19 @@
+"""Typed keys of what the app and each request carry (no module-level singletons)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+
+from services.api.metrics import ApiMetrics
+from services.api.repository import FleetRepository
+from services.api.service import EventService, RecordProducer
+from services.api.settings import ApiSettings
+
+SETTINGS: Final = web.AppKey("settings", ApiSettings)
+METRICS: Final = web.AppKey("metrics", ApiMetrics)
+PRODUCER: Final = web.AppKey[RecordProducer]("producer")
+REPOSITORY: Final = web.AppKey[FleetRepository]("repository")
+EVENTS: Final = web.AppKey("events", EventService)
+REQUEST_ID: Final = web.RequestKey("request_id", str)

@@ -1,0 +1,34 @@
+"""The API's collectors, built from the shared metric specs into the app's own registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.shared import metrics as specs
+
+
+@dataclass(frozen=True, slots=True)
+class ApiMetrics:
+    registry: CollectorRegistry
+    requests: Counter
+    request_duration: Histogram
+    events_accepted: Counter
+    batches_refused: Counter
+    produce_duration: Histogram
+    kafka_unavailable: Counter
+
+    @classmethod
+    def create(cls) -> ApiMetrics:
+        """Collectors in a fresh registry, so several apps can share one process."""
+        registry = CollectorRegistry(auto_describe=True)
+        return cls(
+            registry=registry,
+            requests=specs.counter(registry, specs.API_REQUESTS),
+            request_duration=specs.histogram(registry, specs.API_REQUEST_DURATION),
+            events_accepted=specs.counter(registry, specs.API_EVENTS_ACCEPTED),
+            batches_refused=specs.counter(registry, specs.API_BATCHES_REFUSED),
+            produce_duration=specs.histogram(registry, specs.API_PRODUCE_DURATION),
+            kafka_unavailable=specs.counter(registry, specs.API_KAFKA_UNAVAILABLE),
+        )

@@ -1,0 +1,267 @@
+"""Accepting agent events: validate a batch, stamp identity, produce, wait for the broker.
+
+Plain asyncio and pydantic, no aiohttp: the handler hands over the raw body and
+the edge-verified identity, and gets back the accepted ids or a Problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol
+
+from aiokafka.errors import KafkaError
+from opentelemetry import propagate, trace
+from pydantic import ValidationError
+
+from services.api.metrics import ApiMetrics
+from services.api.problems import (
+    FieldError,
+    MalformedRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ValidationFailed,
+)
+from services.shared.events import EVENT_TYPES, AgentEventRecord, EventBatch
+from services.shared.identity import AgentIdentity
+
+log = logging.getLogger(__name__)
+
+# Kafka's default broker limit (message.max.bytes) is 1048588 bytes per record
+# batch; a record above this could never be delivered, so it is refused up front
+# instead of being answered 503 and retried forever.
+MAX_RECORD_BYTES: Final = 1_000_000
+# Pydantic puts the tag of a discriminated union into the error location
+# (events.3.heartbeat.payload); the agent's JSON has no such level.
+_UNION_TAGS: Final = frozenset(EVENT_TYPES)
+_MAX_FIELD_CHARS: Final = 200
+_TRACE_HEADERS: Final = ("traceparent", "tracestate")
+
+KafkaHeaders = list[tuple[str, bytes]]
+
+
+class RecordProducer(Protocol):
+    """The part of a Kafka producer the API uses (``kafka.KafkaRecordProducer`` in production)."""
+
+    async def send(
+        self, topic: str, *, key: bytes, value: bytes, headers: KafkaHeaders
+    ) -> asyncio.Future[Any]:
+        """Queue one record; the returned future resolves when the broker acknowledged it.
+
+        May block while topic metadata is unknown. Raises KafkaError (or the future
+        fails with one) when the record cannot be delivered.
+        """
+        ...
+
+    async def check(self, topic: str, timeout_s: float) -> None:
+        """Return when a broker answered a metadata request listing ``topic``.
+
+        Raises KafkaError or TimeoutError otherwise, within about ``timeout_s``.
+        """
+        ...
+
+
+def field_path(loc: Sequence[int | str], error_type: str = "") -> str:
+    """A pydantic error location as a JSON-path-like name: ``events[3].payload.health``.
+
+    ``$`` names the whole body.
+    """
+    path = ""
+    previous: int | str | None = None
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+        elif isinstance(previous, int) and item in _UNION_TAGS:
+            pass
+        else:
+            path += f".{item}" if path else str(item)
+        previous = item
+    if error_type in ("union_tag_invalid", "union_tag_not_found"):
+        # The error is about the discriminator field itself, not the whole event.
+        path += ".type" if path else "type"
+    if len(path) > _MAX_FIELD_CHARS:
+        path = path[:_MAX_FIELD_CHARS] + "..."
+    return path or "$"
+
+
+def validation_errors(error: ValidationError) -> tuple[FieldError, ...]:
+    """One FieldError per pydantic error, never echoing the input value."""
+    return tuple(
+        FieldError(field_path(detail["loc"], detail["type"]), detail["msg"])
+        for detail in error.errors(include_url=False, include_input=False)
+    )
+
+
+def parse_batch(body: bytes) -> EventBatch:
+    """Parse and validate a ``POST /v1/events`` body.
+
+    Raises MalformedRequest when the body is not JSON, ValidationFailed (with one
+    error per invalid field, or per repeated event id) when it is not a valid batch.
+    """
+    try:
+        batch = EventBatch.model_validate_json(body)
+    except ValidationError as e:
+        details = e.errors(include_url=False, include_input=False)
+        if details and details[0]["type"] == "json_invalid":
+            raise MalformedRequest(f"the body is not valid JSON: {details[0]['msg']}") from e
+        errors = validation_errors(e)
+        raise ValidationFailed(
+            f"the batch has {len(errors)} invalid field(s); nothing was accepted",
+            errors=errors,
+        ) from e
+    duplicates = duplicate_id_errors(batch)
+    if duplicates:
+        raise ValidationFailed(
+            "event ids must be unique within a batch; nothing was accepted", errors=duplicates
+        )
+    return batch
+
+
+def duplicate_id_errors(batch: EventBatch) -> tuple[FieldError, ...]:
+    """One error per event whose id an earlier event of the same batch already used."""
+    first_index: dict[str, int] = {}
+    errors: list[FieldError] = []
+    for index, event in enumerate(batch.events):
+        first = first_index.setdefault(event.id, index)
+        if first != index:
+            errors.append(FieldError(f"events[{index}].id", f"duplicate of events[{first}].id"))
+    return tuple(errors)
+
+
+def build_records(
+    batch: EventBatch,
+    identity: AgentIdentity,
+    *,
+    accepted_at: datetime,
+    request_id: str | None,
+) -> list[AgentEventRecord]:
+    """One topic record per event, in batch order, stamped with the edge-verified identity."""
+    return [
+        AgentEventRecord(
+            customer_id=identity.customer_id,
+            environment_id=identity.environment_id,
+            agent_id=identity.agent_id,
+            accepted_at=accepted_at,
+            request_id=request_id,
+            event=event,
+        )
+        for event in batch.events
+    ]
+
+
+def encode_records(records: Sequence[AgentEventRecord]) -> list[tuple[bytes, bytes]]:
+    """(key, value) per record: key = customer id, so a customer's events share a partition.
+
+    Raises PayloadTooLarge, before anything is produced, if a record exceeds
+    MAX_RECORD_BYTES.
+    """
+    encoded: list[tuple[bytes, bytes]] = []
+    for index, record in enumerate(records):
+        value = record.model_dump_json().encode()
+        if len(value) > MAX_RECORD_BYTES:
+            raise PayloadTooLarge(
+                f"event events[{index}] is {len(value)} bytes as a record, above the "
+                f"{MAX_RECORD_BYTES}-byte limit; split its payload across several events"
+            )
+        encoded.append((record.customer_id.encode(), value))
+    return encoded
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class EventService:
+    """Accepts event batches: nothing is answered accepted before the broker acknowledged it."""
+
+    producer: RecordProducer
+    topic: str
+    produce_timeout_s: float
+    retry_after_s: int
+    metrics: ApiMetrics
+    clock: Callable[[], datetime] = field(default=_utc_now)
+
+    async def accept(
+        self,
+        body: bytes,
+        identity: AgentIdentity,
+        *,
+        request_id: str | None,
+        trace_carrier: Mapping[str, str],
+    ) -> list[str]:
+        """Validate ``body``, produce one record per event, return the event ids in order.
+
+        Returns only after Kafka acknowledged every record (acks=all). Raises
+        MalformedRequest, ValidationFailed or PayloadTooLarge before producing
+        anything; ServiceUnavailable (with retry_after_s) when Kafka did not
+        acknowledge within produce_timeout_s, in which case some records may still
+        arrive: the agent retries with the same ids and the controller deduplicates.
+        ``trace_carrier`` holds the request's W3C trace headers, if any.
+        """
+        batch = parse_batch(body)
+        records = build_records(batch, identity, accepted_at=self.clock(), request_id=request_id)
+        encoded = encode_records(records)
+        tracer = trace.get_tracer(__name__)
+        with tracer.start_as_current_span(
+            "fleetplane.events publish",
+            context=propagate.extract(dict(trace_carrier)),
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": self.topic,
+                "messaging.batch.message_count": len(encoded),
+            },
+        ):
+            outgoing: dict[str, str] = {}
+            propagate.inject(outgoing)
+            headers: KafkaHeaders = [
+                (name, outgoing[name].encode()) for name in _TRACE_HEADERS if name in outgoing
+            ]
+            await self._produce(encoded, headers)
+        for event in batch.events:
+            self.metrics.events_accepted.labels(type=event.type).inc()
+        return [event.id for event in batch.events]
+
+    async def _produce(self, encoded: list[tuple[bytes, bytes]], headers: KafkaHeaders) -> None:
+        futures: list[asyncio.Future[Any]] = []
+
+        async def send_all() -> None:
+            for key, value in encoded:
+                futures.append(
+                    await self.producer.send(self.topic, key=key, value=value, headers=headers)
+                )
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+
+        started = time.perf_counter()
+        try:
+            # send() itself waits for topic metadata (up to the producer's own
+            # request timeout) when the broker is down, so the deadline must cover
+            # the sends too, not only the delivery futures.
+            await asyncio.wait_for(send_all(), self.produce_timeout_s)
+        except (TimeoutError, KafkaError) as e:
+            self.metrics.kafka_unavailable.inc()
+            log.warning(
+                "Kafka did not acknowledge a batch of %d record(s): %s",
+                len(encoded),
+                type(e).__name__ if isinstance(e, TimeoutError) else e,
+            )
+            raise ServiceUnavailable(
+                f"Kafka did not acknowledge the batch within {self.produce_timeout_s:g} s; "
+                "retry the same batch with the same event ids",
+                retry_after_s=self.retry_after_s,
+            ) from e
+        finally:
+            # Records already queued may still be delivered; the agent's retry is
+            # deduplicated. Cancelling our futures only drops interest in them.
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+        self.metrics.produce_duration.observe(time.perf_counter() - started)

@@ -1,0 +1,85 @@
+"""Settings of the API service, read from the environment when the service starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.shared.settings import DatabaseSettings, KafkaSettings
+
+MIB: Final = 1024 * 1024
+
+# File names inside the PKI folder, used when a path is not set explicitly.
+_PKI_FILES: Final = {
+    "tls_cert": "api-server.pem",
+    "tls_key": "api-server.key",
+    "edge_ca": "internal-ca.pem",
+}
+
+
+class PkiLocation(BaseSettings):
+    """Where the project's PKI files live; shared by every service (``FLEETPLANE_PKI_DIR``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETPLANE_", frozen=True, extra="ignore")
+
+    pki_dir: Path = Path(".run/pki")
+    """Folder holding certificates and keys made by the project's PKI scripts."""
+
+
+class ApiSettings(BaseSettings):
+    """Everything the API needs, frozen once built.
+
+    Own fields come from ``FLEETPLANE_API_*``; ``database`` and ``kafka`` are the
+    shared fragments (``FLEETPLANE_DATABASE_*``, ``FLEETPLANE_KAFKA_*`` ...). TLS
+    paths left unset default to files in ``FLEETPLANE_PKI_DIR``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLEETPLANE_API_", frozen=True, extra="ignore")
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+
+    host: str = "127.0.0.1"
+    """Address to listen on; only the edge should be able to reach it."""
+    port: int = Field(default=18081, ge=1, le=65535)
+    tls_cert: Path
+    """Server certificate chain (PEM); default ``<pki_dir>/api-server.pem``."""
+    tls_key: Path
+    """Private key of ``tls_cert``; default ``<pki_dir>/api-server.key``."""
+    edge_ca: Path
+    """CA that issued the edge's client certificate; default ``<pki_dir>/internal-ca.pem``.
+
+    It must not be the CA that issues agent certificates, or an agent named like the
+    edge could present its own certificate directly and forge identity headers.
+    """
+    edge_client_cn: str = "fleetplane-edge"
+    """Subject CN of the edge's client certificate: the only peer whose identity headers count."""
+    produce_timeout_s: float = Field(default=4.0, gt=0, le=4.5)
+    """Longest wait for Kafka to acknowledge a batch; below 5 s so a 503 comes within 5 s."""
+    retry_after_s: int = Field(default=2, ge=1, le=3600)
+    """``Retry-After`` sent with 503 answers."""
+    startup_timeout_s: float = Field(default=60.0, gt=0)
+    """How long ``python -m services.api`` waits for Kafka and PostgreSQL before giving up."""
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    """On SIGTERM, how long in-flight requests may take before they are cancelled."""
+    max_body_bytes: int = Field(default=MIB, ge=1024, le=64 * MIB)
+    """Largest request body accepted (413 beyond)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_paths_from_pki_dir(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        missing = [name for name in _PKI_FILES if data.get(name) is None]
+        if not missing:
+            return data
+        pki_dir = PkiLocation().pki_dir
+        return {**data, **{name: pki_dir / _PKI_FILES[name] for name in missing}}
+
+    @classmethod
+    def load(cls) -> ApiSettings:
+        """Read the environment now. Raises pydantic.ValidationError on bad values."""
+        return cls()

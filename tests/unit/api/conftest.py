@@ -1,0 +1,231 @@
+"""Fakes and a throwaway PKI for the API's unit tests (no Kafka, no PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from services.api.app import Dependencies, create_app
+from services.api.repository import EventStatus
+from services.api.service import KafkaHeaders
+from services.api.settings import ApiSettings
+from services.api.tls import server_ssl_context
+from services.shared.identity import AgentIdentity
+from services.shared.settings import DatabaseSettings, KafkaSettings
+
+EDGE_CN = "fleetplane-edge"
+
+
+@dataclass
+class SentRecord:
+    topic: str
+    key: bytes
+    value: bytes
+    headers: KafkaHeaders
+
+
+@dataclass
+class FakeProducer:
+    """A RecordProducer whose broker acknowledges, fails or never answers on demand.
+
+    ``on_send``: "ack" resolves each future, "fail" fails it with a KafkaError,
+    "hang" leaves it pending; ``fail_index`` fails only that record's future.
+    ``send_error`` makes send() itself raise;
+    ``send_blocks`` makes it block (as aiokafka does while metadata is missing).
+    """
+
+    on_send: str = "ack"
+    send_error: BaseException | None = None
+    send_blocks: bool = False
+    fail_index: int | None = None
+    reachable: bool = True
+    sent: list[SentRecord] = field(default_factory=list)
+    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    async def send(
+        self, topic: str, *, key: bytes, value: bytes, headers: KafkaHeaders
+    ) -> asyncio.Future[Any]:
+        if self.send_blocks:
+            await asyncio.Event().wait()
+        if self.send_error is not None:
+            raise self.send_error
+        self.sent.append(SentRecord(topic, key, value, list(headers)))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.fail_index == len(self.sent) - 1:
+            future.set_exception(KafkaConnectionError("connection lost"))
+        elif self.on_send == "ack":
+            future.set_result(None)
+        elif self.on_send == "fail":
+            future.set_exception(KafkaTimeoutError("no ack"))
+        self.futures.append(future)
+        return future
+
+    async def check(self, topic: str, timeout_s: float) -> None:
+        if not self.reachable:
+            raise KafkaConnectionError("broker down")
+
+
+@dataclass
+class FakeRepository:
+    """A FleetRepository over a dict keyed by (customer, environment, agent, event id)."""
+
+    records: dict[tuple[str, str, str, str], EventStatus] = field(default_factory=dict)
+    error: BaseException | None = None
+    reachable: bool = True
+    calls: list[tuple[AgentIdentity, str]] = field(default_factory=list)
+
+    async def event_status(self, identity: AgentIdentity, event_id: str) -> EventStatus | None:
+        self.calls.append((identity, event_id))
+        if self.error is not None:
+            raise self.error
+        key = (identity.customer_id, identity.environment_id, identity.agent_id, event_id)
+        return self.records.get(key)
+
+    async def ping(self) -> None:
+        if not self.reachable:
+            raise OSError("database down")
+
+
+def fake_dependencies(producer: FakeProducer, repository: FakeRepository) -> Dependencies:
+    @asynccontextmanager
+    async def producer_factory(settings: ApiSettings) -> AsyncIterator[FakeProducer]:
+        yield producer
+
+    @asynccontextmanager
+    async def repository_factory(settings: ApiSettings) -> AsyncIterator[FakeRepository]:
+        yield repository
+
+    return Dependencies(producer=producer_factory, repository=repository_factory)
+
+
+# --- PKI ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    folder: Path
+    ca: Path
+
+    def client_context(self, name: str | None) -> ssl.SSLContext:
+        """A client context trusting the test CA, presenting ``<name>.pem`` if given."""
+        context = ssl.create_default_context(cafile=self.ca)
+        if name is not None:
+            context.load_cert_chain(self.folder / f"{name}.pem", self.folder / f"{name}.key")
+        return context
+
+
+def _name(common_name: str, **attributes: str) -> x509.Name:
+    oids = {"O": NameOID.ORGANIZATION_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME}
+    parts = [x509.NameAttribute(oids[key], value) for key, value in attributes.items()]
+    return x509.Name([*parts, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _issue(
+    folder: Path,
+    file_name: str,
+    subject: x509.Name,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> tuple[x509.Name, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    certificate = builder.sign(issuer_key, hashes.SHA256())
+    (folder / f"{file_name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{file_name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return subject, key
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """internal-ca issues api-server, edge-client (CN=fleetplane-edge) and other-service;
+    a foreign CA issues an edge-named impostor."""
+    folder = tmp_path_factory.mktemp("pki")
+    internal = _issue(folder, "internal-ca", _name("Test Internal CA", O="Test"), None, ca=True)
+    _issue(folder, "api-server", _name("localhost", O="Test"), internal, server=True)
+    _issue(folder, "edge-client", _name(EDGE_CN, O="Test"), internal)
+    _issue(folder, "other-service", _name("fleetplane-controller", O="Test"), internal)
+    foreign = _issue(folder, "foreign-ca", _name("Foreign CA", O="Evil"), None, ca=True)
+    _issue(folder, "impostor-edge", _name(EDGE_CN, O="Evil"), foreign)
+    return Pki(folder, folder / "internal-ca.pem")
+
+
+@pytest.fixture
+def settings(pki: Pki) -> ApiSettings:
+    return ApiSettings(
+        database=DatabaseSettings(),
+        kafka=KafkaSettings(events_topic="test.events"),
+        tls_cert=pki.folder / "api-server.pem",
+        tls_key=pki.folder / "api-server.key",
+        edge_ca=pki.ca,
+        edge_client_cn=EDGE_CN,
+        produce_timeout_s=0.3,
+        retry_after_s=7,
+        max_body_bytes=64 * 1024,
+    )
+
+
+Client = TestClient[web.Request, web.Application]
+
+
+@asynccontextmanager
+async def serve(
+    settings: ApiSettings,
+    producer: FakeProducer,
+    repository: FakeRepository,
+    client_ssl: ssl.SSLContext,
+) -> AsyncIterator[Client]:
+    """The app over real TLS on 127.0.0.1, and a client with the given TLS identity."""
+    app = create_app(settings, dependencies=fake_dependencies(producer, repository))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(ssl=server_ssl_context(settings))
+    client: Client = TestClient(server, connector=aiohttp.TCPConnector(ssl=client_ssl))
+    async with client:
+        yield client

@@ -1,0 +1,156 @@
+"""Invariant 2 in the service: 202 only after every ack, 503 with Retry-After within 5 s."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
+
+from services.api.metrics import ApiMetrics
+from services.api.problems import PayloadTooLarge, ServiceUnavailable, ValidationFailed
+from services.api.service import EventService, build_records, parse_batch
+from services.shared.events import HeartbeatEvent, decode_topic_record
+from services.shared.identity import AgentIdentity
+
+from .conftest import FakeProducer
+from .events_data import batch_body, heartbeat, observed
+
+IDENTITY = AgentIdentity("acme", "prod", "agent-1")
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def service(
+    producer: FakeProducer, *, timeout_s: float = 0.3, metrics: ApiMetrics | None = None
+) -> EventService:
+    return EventService(
+        producer=producer,
+        topic="test.events",
+        produce_timeout_s=timeout_s,
+        retry_after_s=2,
+        metrics=metrics or ApiMetrics.create(),
+        clock=lambda: NOW,
+    )
+
+
+def test_records_carry_the_verified_identity_in_batch_order() -> None:
+    batch = parse_batch(batch_body(heartbeat("e1", 1), observed("e2", []), heartbeat("e3", 3)))
+    records = build_records(batch, IDENTITY, accepted_at=NOW, request_id="req-1")
+    assert [r.event.id for r in records] == ["e1", "e2", "e3"]
+    for record in records:
+        assert (record.customer_id, record.environment_id, record.agent_id) == (
+            "acme",
+            "prod",
+            "agent-1",
+        )
+        assert (record.accepted_at, record.request_id) == (NOW, "req-1")
+        assert decode_topic_record(record.model_dump_json().encode()) == record
+
+
+async def test_accept_produces_one_keyed_record_per_event_and_returns_ids() -> None:
+    producer = FakeProducer()
+    metrics = ApiMetrics.create()
+    accepted = await service(producer, metrics=metrics).accept(
+        batch_body(heartbeat("e1", 1), heartbeat("e2", 2)),
+        IDENTITY,
+        request_id="req-1",
+        trace_carrier={"traceparent": TRACEPARENT},
+    )
+    assert accepted == ["e1", "e2"]
+    assert [(s.topic, s.key) for s in producer.sent] == [("test.events", b"acme")] * 2
+    record = decode_topic_record(producer.sent[1].value)
+    assert isinstance(record.event, HeartbeatEvent)
+    assert (record.customer_id, record.agent_id, record.event.seq) == ("acme", "agent-1", 2)
+    assert record.request_id == "req-1"
+    # No tracer provider is configured, so the incoming context passes through.
+    assert producer.sent[0].headers == [("traceparent", TRACEPARENT.encode())]
+    accepted_total = metrics.registry.get_sample_value(
+        "fleetplane_api_events_accepted_total", {"type": "heartbeat"}
+    )
+    assert accepted_total == 2
+
+
+async def test_no_trace_header_without_incoming_trace_context() -> None:
+    producer = FakeProducer()
+    await service(producer).accept(
+        batch_body(heartbeat("e1")), IDENTITY, request_id=None, trace_carrier={}
+    )
+    assert producer.sent[0].headers == []
+
+
+async def test_refused_batch_produces_nothing() -> None:
+    producer = FakeProducer()
+    with pytest.raises(ValidationFailed):
+        await service(producer).accept(
+            batch_body(heartbeat("e1"), heartbeat("e1")),
+            IDENTITY,
+            request_id=None,
+            trace_carrier={},
+        )
+    assert producer.sent == []
+
+
+async def test_record_too_large_for_kafka_is_413_before_anything_is_sent() -> None:
+    producer = FakeProducer()
+    resources = [
+        {"name": f"r{i}", "kind": "app", "version": "1", "status": "x" * 2048} for i in range(500)
+    ]
+    body = batch_body(heartbeat("e0"), observed("e1", resources))
+    with pytest.raises(PayloadTooLarge, match=r"events\[1\]"):
+        await service(producer).accept(body, IDENTITY, request_id=None, trace_carrier={})
+    assert producer.sent == []
+
+
+@pytest.mark.parametrize(
+    "producer",
+    [
+        FakeProducer(send_error=KafkaConnectionError("down")),
+        FakeProducer(send_error=UnknownTopicOrPartitionError()),
+        FakeProducer(on_send="fail"),
+        FakeProducer(on_send="hang"),
+        FakeProducer(send_blocks=True),
+    ],
+    ids=["send-raises", "no-metadata", "ack-fails", "ack-never-comes", "send-blocks"],
+)
+async def test_kafka_trouble_is_503_with_retry_after_in_time(producer: FakeProducer) -> None:
+    metrics = ApiMetrics.create()
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as caught:
+        await service(producer, timeout_s=0.3, metrics=metrics).accept(
+            batch_body(heartbeat("e1"), heartbeat("e2")),
+            IDENTITY,
+            request_id=None,
+            trace_carrier={},
+        )
+    assert time.monotonic() - started < 1.0
+    assert caught.value.headers == {"Retry-After": "2"}
+    assert caught.value.retry_after_s == 2
+    assert "retry the same batch" in caught.value.detail
+    assert metrics.registry.get_sample_value("fleetplane_api_kafka_unavailable_total") == 1
+    assert metrics.registry.get_sample_value("fleetplane_api_events_accepted_total") is None
+    # Our interest in unanswered records is dropped, so nothing lingers.
+    assert all(f.done() for f in producer.futures)
+
+
+async def test_one_failed_ack_fails_the_whole_batch() -> None:
+    producer = FakeProducer(fail_index=1)
+    with pytest.raises(ServiceUnavailable):
+        await service(producer).accept(
+            batch_body(heartbeat("e1"), heartbeat("e2"), heartbeat("e3")),
+            IDENTITY,
+            request_id=None,
+            trace_carrier={},
+        )
+    assert len(producer.sent) == 3
+
+
+async def test_default_timeout_answers_within_five_seconds_when_the_broker_is_gone() -> None:
+    # The production default, with send() blocked as aiokafka blocks on missing metadata.
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable):
+        await service(FakeProducer(send_blocks=True), timeout_s=4.0).accept(
+            batch_body(heartbeat("e1")), IDENTITY, request_id=None, trace_carrier={}
+        )
+    assert time.monotonic() - started < 5.0
