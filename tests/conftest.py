@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.gateway_auth.pki import CertificateAuthority, load_issuing_ca
-from tests.support.agents import TestAgent
+from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment
 from tests.support.stack import FleetEnv, Stack, prepare_template
 
@@ -66,12 +66,12 @@ def deployment(
 @pytest.fixture
 async def agents(
     stack: Stack, issuing_ca: CertificateAuthority, tmp_path: Path
-) -> AsyncIterator[Callable[[str, str, str], TestAgent]]:
+) -> AsyncIterator[Callable[[str, str, str], AgentClient]]:
     """Makes connected test agents: ``agent = agents("customer", "env", "agent")``."""
-    made: list[TestAgent] = []
+    made: list[AgentClient] = []
 
-    def make(customer: str, environment: str, agent: str) -> TestAgent:
-        test_agent = TestAgent.issue(
+    def make(customer: str, environment: str, agent: str) -> AgentClient:
+        test_agent = AgentClient.issue(
             issuing_ca, stack.pki_dir, stack.edge_url, (customer, environment, agent), tmp_path
         ).open()
         made.append(test_agent)

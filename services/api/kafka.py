@@ -15,25 +15,67 @@ from services.api.settings import ApiSettings
 
 
 class KafkaRecordProducer:
-    """RecordProducer over a started AIOKafkaProducer (which the caller owns)."""
+    """RecordProducer over an AIOKafkaProducer that it replaces after a failed batch.
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self._producer = producer
+    A batch answered 503 must not reach the topic later: the agent retries it, and
+    a late copy would land after batches accepted since, breaking per-customer
+    order. aiokafka keeps unacknowledged records queued and sends them when the
+    broker returns, so after any failure this class drops the producer's queue
+    and starts a new producer on next use.
+    """
+
+    def __init__(self, settings: ApiSettings, producer: AIOKafkaProducer) -> None:
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = producer
+        self._lock = asyncio.Lock()
+
+    async def _current(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        async with self._lock:
+            if self._producer is None:
+                producer = new_producer(self._settings)
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()
+                    raise
+                self._producer = producer
+            return self._producer
 
     async def send(
         self, topic: str, *, key: bytes, value: bytes, headers: KafkaHeaders
     ) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = await self._producer.send(
+        producer = await self._current()
+        future: asyncio.Future[Any] = await producer.send(
             topic, value=value, key=key, headers=headers
         )
         return future
 
+    async def abandon_pending(self) -> None:
+        async with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        # aiokafka has no public call to drop queued records; with its sender task
+        # cancelled first, stop() closes the connections without sending them.
+        await producer._sender.close()
+        await producer.stop()
+
     async def check(self, topic: str, timeout_s: float) -> None:
+        producer = await asyncio.wait_for(self._current(), timeout_s)
         # A fresh metadata request: the producer's cached metadata would say
         # nothing about whether a broker answers now.
-        metadata = await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout_s)
+        metadata = await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout_s)
         if topic not in metadata.topics():
             raise KafkaError(f"topic {topic!r} does not exist")
+
+    async def stop(self) -> None:
+        """Flush what is queued and stop."""
+        async with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
 
 
 def new_producer(settings: ApiSettings) -> AIOKafkaProducer:
@@ -62,7 +104,8 @@ async def kafka_producer(settings: ApiSettings) -> AsyncIterator[KafkaRecordProd
     except BaseException:
         await producer.stop()
         raise
+    records = KafkaRecordProducer(settings, producer)
     try:
-        yield KafkaRecordProducer(producer)
+        yield records
     finally:
-        await producer.stop()
+        await records.stop()

@@ -57,6 +57,10 @@ class RecordProducer(Protocol):
         """
         ...
 
+    async def abandon_pending(self) -> None:
+        """Drop every record not yet acknowledged, so none of them is delivered later."""
+        ...
+
     async def check(self, topic: str, timeout_s: float) -> None:
         """Return when a broker answered a metadata request listing ``topic``.
 
@@ -199,8 +203,10 @@ class EventService:
         Returns only after Kafka acknowledged every record (acks=all). Raises
         MalformedRequest, ValidationFailed or PayloadTooLarge before producing
         anything; ServiceUnavailable (with retry_after_s) when Kafka did not
-        acknowledge within produce_timeout_s, in which case some records may still
-        arrive: the agent retries with the same ids and the controller deduplicates.
+        acknowledge within produce_timeout_s; the producer's queue is then dropped so
+        that the refused records are not delivered later, out of order with the
+        agent's retry (a record the broker wrote but did not acknowledge in time can
+        still exist: the retry reuses its id and the controller deduplicates).
         ``trace_carrier`` holds the request's W3C trace headers, if any.
         """
         batch = parse_batch(body)
@@ -248,6 +254,7 @@ class EventService:
             await asyncio.wait_for(send_all(), self.produce_timeout_s)
         except (TimeoutError, KafkaError) as e:
             self.metrics.kafka_unavailable.inc()
+            await self.producer.abandon_pending()
             log.warning(
                 "Kafka did not acknowledge a batch of %d record(s): %s",
                 len(encoded),
@@ -259,8 +266,6 @@ class EventService:
                 retry_after_s=self.retry_after_s,
             ) from e
         finally:
-            # Records already queued may still be delivered; the agent's retry is
-            # deduplicated. Cancelling our futures only drops interest in them.
             for future in futures:
                 if not future.done():
                     future.cancel()

@@ -85,6 +85,10 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
         topic_allow_declare=False,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
+        # A broker restart can answer the first rejoin with metadata that lacks our
+        # topic; the group then assigns nothing until the consumer's metadata is
+        # refreshed (aiokafka's default: every 5 minutes).
+        consumer_metadata_max_age_ms=5000,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         producer_acks=-1,

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from tests.support.agents import TestAgent
+from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment
 from tests.support.waiting import eventually
 
@@ -31,23 +31,23 @@ async def topic_end_offsets(deployment: Deployment) -> int:
         await consumer.stop()
 
 
-def valid(agent: TestAgent) -> dict[str, Any]:
+def valid(agent: AgentClient) -> dict[str, Any]:
     return agent.heartbeat()
 
 
 @pytest.mark.parametrize(
     ("mutate", "status", "field"),
     [
-        (lambda e: {**e, "type": "reboot"}, 422, "events[1]"),
-        (lambda e: {**e, "seq": "7"}, 422, "events[1].heartbeat.seq"),
-        (lambda e: {**e, "seq": -1}, 422, "events[1].heartbeat.seq"),
-        (lambda e: {**e, "id": "has space"}, 422, "events[1].heartbeat.id"),
+        (lambda e: {**e, "type": "reboot"}, 422, "events[1].type"),
+        (lambda e: {**e, "seq": "7"}, 422, "events[1].seq"),
+        (lambda e: {**e, "seq": -1}, 422, "events[1].seq"),
+        (lambda e: {**e, "id": "has space"}, 422, "events[1].id"),
         (
             lambda e: {**e, "payload": {**e["payload"], "agent_version": "1.0; rm -rf /"}},
             422,
-            "events[1].heartbeat.payload.agent_version",
+            "events[1].payload.agent_version",
         ),
-        (lambda e: {**e, "extra": True}, 422, "events[1].heartbeat.extra"),
+        (lambda e: {**e, "extra": True}, 422, "events[1].extra"),
     ],
     ids=["unknown-type", "seq-as-string", "negative-seq", "bad-id", "bad-version", "extra-field"],
 )
@@ -55,7 +55,7 @@ async def test_invalid_event_refuses_the_whole_batch(
     deployment: Deployment, agents: AgentFactory, mutate: Any, status: int, field: str
 ) -> None:
     deployment.start_apis()
-    agent: TestAgent = agents("acme", "prod", "agent-1")
+    agent: AgentClient = agents("acme", "prod", "agent-1")
     before = await topic_end_offsets(deployment)
     code, body = await agent.post_events([valid(agent), mutate(valid(agent))])
     assert code == status, body
@@ -68,7 +68,7 @@ async def test_malformed_json_wrong_content_type_oversize(
     deployment: Deployment, agents: AgentFactory
 ) -> None:
     deployment.start_apis()
-    agent: TestAgent = agents("acme", "prod", "agent-1")
+    agent: AgentClient = agents("acme", "prod", "agent-1")
     before = await topic_end_offsets(deployment)
 
     code, body, content_type = await agent.post_raw(b'{"events": [')
@@ -101,7 +101,7 @@ async def test_poison_on_the_topic_goes_to_dead_letters_and_the_partition_moves_
 ) -> None:
     deployment.start_apis()
     deployment.start_controller()
-    agent: TestAgent = agents("acme", "prod", "agent-1")
+    agent: AgentClient = agents("acme", "prod", "agent-1")
     first = valid(agent)
     assert (await agent.post_events([first]))[0] == 202
     await eventually(lambda: agent.event_status(first["id"]), lambda r: r[1]["status"] == "applied")

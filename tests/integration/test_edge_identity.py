@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from services.gateway_auth.pki import issue_foreign_ca_agent
-from tests.support.agents import TestAgent, agent_ssl_context
+from tests.support.agents import AgentClient, agent_ssl_context
 from tests.support.deployment import Deployment
 from tests.support.waiting import eventually
 
@@ -67,7 +67,7 @@ async def test_spoofed_identity_headers_are_replaced_by_the_certificate_identity
 ) -> None:
     deployment.start_apis()
     deployment.start_controller()
-    agent: TestAgent = agents("acme", "prod", "agent-1")
+    agent: AgentClient = agents("acme", "prod", "agent-1")
     event = agent.heartbeat()
     status, body = await agent.post_events(
         [event],
@@ -83,7 +83,7 @@ async def test_spoofed_identity_headers_are_replaced_by_the_certificate_identity
         lambda r: r[1]["status"] == "applied",
         what="spoofing agent's event applied",
     )
-    victim: TestAgent = agents("victim", "prod", "agent-9")
+    victim: AgentClient = agents("victim", "prod", "agent-9")
     _, seen = await victim.event_status(event["id"])
     assert seen["status"] == "pending"
     with psycopg.connect(deployment.fleet.stack.admin_dsn(deployment.fleet.database_name)) as conn:
@@ -126,8 +126,8 @@ async def test_an_agent_cannot_read_another_customers_event(
 ) -> None:
     deployment.start_apis()
     deployment.start_controller()
-    owner: TestAgent = agents("customer-a", "prod", "agent-1")
-    intruder: TestAgent = agents("customer-b", "prod", "agent-1")
+    owner: AgentClient = agents("customer-a", "prod", "agent-1")
+    intruder: AgentClient = agents("customer-b", "prod", "agent-1")
     event = owner.heartbeat(message="secret of customer a")
     status, _ = await owner.post_events([event])
     assert status == 202

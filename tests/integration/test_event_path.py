@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from tests.support.agents import TestAgent
+from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment
 from tests.support.invariants import Ledger, check
 from tests.support.waiting import eventually
@@ -14,7 +14,7 @@ from tests.support.waiting import eventually
 AgentFactory = Any
 
 
-async def post_accepted(agent: TestAgent, events: list[dict[str, Any]], ledger: Ledger) -> None:
+async def post_accepted(agent: AgentClient, events: list[dict[str, Any]], ledger: Ledger) -> None:
     status, body = await agent.post_events(events)
     assert status == 202, body
     assert body["accepted"] == [e["id"] for e in events]
@@ -26,7 +26,7 @@ async def test_events_are_applied_in_order_and_reported_applied(
 ) -> None:
     deployment.start_apis()
     deployment.start_controller()
-    agent: TestAgent = agents("acme", "prod", "agent-1")
+    agent: AgentClient = agents("acme", "prod", "agent-1")
     ledger = Ledger()
     batches = [
         [
@@ -52,7 +52,7 @@ async def test_events_are_applied_in_order_and_reported_applied(
 
     report = check(ledger, deployment.fleet.stack.admin_dsn(deployment.fleet.database_name))
     assert report.ok, report
-    assert report.recorded == report.accepted == 22
+    assert report.recorded == report.accepted == 23
     with psycopg.connect(deployment.fleet.stack.admin_dsn(deployment.fleet.database_name)) as conn:
         env = conn.execute(
             "SELECT health, agent_version, observed_revision, observed_state "
@@ -69,11 +69,11 @@ async def test_events_are_applied_in_order_and_reported_applied(
     assert env[0] == "degraded"
     assert env[2] == 1
     assert env[3] == [{"name": "web", "kind": "deployment", "version": "1.0.0", "status": ""}]
-    assert seqs == list(range(1, 23))
+    assert seqs == list(range(1, 24))
 
 
 async def test_unknown_event_id_is_pending(deployment: Deployment, agents: AgentFactory) -> None:
     deployment.start_apis()
-    agent: TestAgent = agents("acme", "prod", "agent-1")
+    agent: AgentClient = agents("acme", "prod", "agent-1")
     code, body = await agent.event_status("never-sent")
     assert (code, body["status"]) == (200, "pending")

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from tests.support.agents import TestAgent
+from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment
 from tests.support.invariants import Ledger, check
 from tests.support.load import wait_all_applied
@@ -40,7 +40,7 @@ async def test_kafka_outage_is_503_fast_and_retried_batches_apply_exactly_once(
 ) -> None:
     deployment.start_apis()
     deployment.start_controller()
-    agent: TestAgent = agents("acme", "prod", "agent-1")
+    agent: AgentClient = agents("acme", "prod", "agent-1")
     ledger = Ledger()
     warmup = [agent.heartbeat()]
     assert (await agent.post_events(warmup))[0] == 202

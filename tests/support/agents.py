@@ -22,7 +22,7 @@ def agent_ssl_context(pki_dir: Path, cert: Path | None, key: Path | None) -> ssl
 
 
 @dataclass
-class TestAgent:
+class AgentClient:
     """One simulated agent with a boot id and a sequence counter."""
 
     customer_id: str
@@ -42,12 +42,12 @@ class TestAgent:
         edge_url: str,
         identity: tuple[str, str, str],
         out_dir: Path,
-    ) -> TestAgent:
+    ) -> AgentClient:
         customer, env, agent = identity
         cert, key = write_agent_certificate(ca, out_dir, customer, env, agent)
         return cls(customer, env, agent, edge_url, agent_ssl_context(pki_dir, cert, key))
 
-    def open(self) -> TestAgent:
+    def open(self) -> AgentClient:
         """Create the HTTP session; call from a running event loop."""
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=self.ssl_context, limit=4),

@@ -6,14 +6,14 @@ import asyncio
 
 import psycopg
 
-from tests.support.agents import TestAgent
+from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment
 from tests.support.invariants import Ledger
 from tests.support.waiting import eventually
 
 
 async def send_steadily(
-    agent: TestAgent, ledger: Ledger, batches: int, size: int, pause_s: float = 0.0
+    agent: AgentClient, ledger: Ledger, batches: int, size: int, pause_s: float = 0.0
 ) -> None:
     for _ in range(batches):
         events = [agent.heartbeat() for _ in range(size - 1)]

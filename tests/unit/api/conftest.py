@@ -58,6 +58,7 @@ class FakeProducer:
     reachable: bool = True
     sent: list[SentRecord] = field(default_factory=list)
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    abandoned: int = 0
 
     async def send(
         self, topic: str, *, key: bytes, value: bytes, headers: KafkaHeaders
@@ -76,6 +77,12 @@ class FakeProducer:
             future.set_exception(KafkaTimeoutError("no ack"))
         self.futures.append(future)
         return future
+
+    async def abandon_pending(self) -> None:
+        self.abandoned += 1
+        for future in self.futures:
+            if not future.done():
+                future.cancel()
 
     async def check(self, topic: str, timeout_s: float) -> None:
         if not self.reachable:

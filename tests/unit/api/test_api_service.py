@@ -130,7 +130,8 @@ async def test_kafka_trouble_is_503_with_retry_after_in_time(producer: FakeProdu
     assert "retry the same batch" in caught.value.detail
     assert metrics.registry.get_sample_value("fleetplane_api_kafka_unavailable_total") == 1
     assert metrics.registry.get_sample_value("fleetplane_api_events_accepted_total") is None
-    # Our interest in unanswered records is dropped, so nothing lingers.
+    # The producer's queue is dropped, so the refused records cannot land later.
+    assert producer.abandoned == 1
     assert all(f.done() for f in producer.futures)
 
 
