@@ -36,6 +36,8 @@ RUNS = 3
 def _record(customer: int, seq: int) -> bytes:
     return json.dumps(
         {
+            "schema_version": 1,
+            "kind": "agent_event",
             "customer_id": f"cust-{customer}",
             "environment_id": "prod",
             "agent_id": "agent-1",

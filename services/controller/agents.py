@@ -7,7 +7,7 @@ from typing import Any
 import faust
 
 from services.controller.handlers import Delivered
-from services.controller.pipeline import Applier
+from services.controller.pipeline import Applier, CommandTimer
 
 
 def register_apply_agent(
@@ -29,3 +29,9 @@ def register_apply_agent(
                     for e in events
                 ]
             )
+
+
+def register_command_timer(app: faust.App, timer: CommandTimer, *, interval_s: float) -> None:
+    @app.timer(interval=interval_s, name="expire-overdue-commands")  # type: ignore[untyped-decorator]  # faust leaves timer untyped
+    async def expire_overdue_commands() -> None:
+        await timer.tick()

@@ -20,9 +20,9 @@ from prometheus_client import generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.controller.agents import register_apply_agent
+from services.controller.agents import register_apply_agent, register_command_timer
 from services.controller.metrics import ControllerMetrics
-from services.controller.pipeline import Applier, Ownerships
+from services.controller.pipeline import Applier, CommandTimer, Ownerships
 from services.controller.settings import ControllerSettings
 from services.controller.topics import TopicDeadLetters, events_topic
 from services.shared.db import create_engine
@@ -117,10 +117,19 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
         seek,
         app.metrics,
         max_backoff_s=settings.retry_max_backoff_s,
+        ack_timeout_s=settings.command_ack_timeout_s,
     )
     register_apply_agent(
         app, topic, applier, batch_max=settings.batch_max_records, within_s=settings.batch_within_s
     )
+    timer = CommandTimer(
+        app.engine,
+        app.ownerships,
+        app.metrics,
+        ack_timeout_s=settings.command_ack_timeout_s,
+        max_attempts=settings.command_max_attempts,
+    )
+    register_command_timer(app, timer, interval_s=settings.command_timer_interval_s)
     _register_signals(app)
     _register_pages(app)
     return app

@@ -18,8 +18,10 @@ from pydantic import ValidationError
 from services.shared.events import (
     AgentEventRecord,
     CommandResultEvent,
+    DesiredStateRecord,
     HeartbeatEvent,
     ObservedStateEvent,
+    TopicRecord,
     decode_topic_record,
 )
 
@@ -62,7 +64,15 @@ class Decoded:
         return (self.record.customer_id, self.record.agent_id, self.record.event.id)
 
 
-def decode(delivered: Delivered) -> Decoded | Poison:
+@dataclass(frozen=True, slots=True)
+class DecodedChange:
+    """An operator's desired-state change, as consumed."""
+
+    delivered: Delivered
+    record: DesiredStateRecord
+
+
+def decode(delivered: Delivered) -> Decoded | DecodedChange | Poison:
     """Validate one record against the topic contract; never raises."""
     if delivered.value is None:
         return Poison(delivered, "undecodable", "record has no value")
@@ -79,6 +89,12 @@ def decode(delivered: Delivered) -> Decoded | Poison:
         # The key decides the partition and so the owner; a mismatch would let
         # two controllers write one customer.
         return Poison(delivered, "invalid", "record key is not the record's customer id")
+    return _wrap(delivered, record)
+
+
+def _wrap(delivered: Delivered, record: TopicRecord) -> Decoded | DecodedChange:
+    if isinstance(record, DesiredStateRecord):
+        return DecodedChange(delivered, record)
     return Decoded(delivered, record)
 
 
@@ -136,8 +152,22 @@ class CommandUpdate:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """The audit record of one operator change, and what became of it."""
+
+    change: DecodedChange
+    outcome: Literal["applied", "ignored"]
+    reason: str | None = None
+
+
 @dataclass(slots=True)
 class Plan:
+    audits: list[Audit] = field(default_factory=list)
+    desired: dict[EnvironmentKey, DesiredStateRecord] = field(default_factory=dict)
+    """The newest accepted desired state per environment."""
+    reconcile: set[EnvironmentKey] = field(default_factory=set)
+    """Environments whose desired or observed state changed: compute their commands."""
     outcomes: list[Outcome] = field(default_factory=list)
     agents: dict[AgentKey, AgentState] = field(default_factory=dict)
     environments: dict[EnvironmentKey, EnvironmentDelta] = field(default_factory=dict)
@@ -153,9 +183,11 @@ class KnownState:
     recorded_events: frozenset[EventKey]
     agents: Mapping[AgentKey, AgentState]
     commands: Mapping[int, CommandRow]
+    recorded_changes: frozenset[str] = frozenset()
+    desired_revisions: Mapping[EnvironmentKey, int] = field(default_factory=dict)
 
 
-def plan_batch(batch: Sequence[Decoded], known: KnownState) -> Plan:
+def plan_batch(batch: Sequence[Decoded | DecodedChange], known: KnownState) -> Plan:
     """Decide every event's outcome and effects, in partition order.
 
     Sequencing is per agent boot: the next sequence number applies; a higher one
@@ -167,8 +199,13 @@ def plan_batch(batch: Sequence[Decoded], known: KnownState) -> Plan:
     agents = {key: replace(state) for key, state in known.agents.items()}
     seen: set[EventKey] = set(known.recorded_events)
     settled_commands: set[int] = set()
+    changes_seen: set[str] = set(known.recorded_changes)
+    revisions = dict(known.desired_revisions)
 
     for decoded in batch:
+        if isinstance(decoded, DecodedChange):
+            _plan_change(decoded, plan, changes_seen, revisions)
+            continue
         if decoded.event_key in seen:
             plan.duplicates += 1
             continue
@@ -215,6 +252,27 @@ def plan_batch(batch: Sequence[Decoded], known: KnownState) -> Plan:
     return plan
 
 
+def _plan_change(
+    change: DecodedChange, plan: Plan, changes_seen: set[str], revisions: dict[EnvironmentKey, int]
+) -> None:
+    record = change.record
+    if record.change_id in changes_seen:
+        plan.duplicates += 1
+        return
+    changes_seen.add(record.change_id)
+    env_key = (record.customer_id, record.environment_id)
+    current = revisions.get(env_key, 0)
+    if record.desired.revision <= current:
+        plan.audits.append(
+            Audit(change, "ignored", f"revision {record.desired.revision} is not above {current}")
+        )
+        return
+    revisions[env_key] = record.desired.revision
+    plan.desired[env_key] = record
+    plan.reconcile.add(env_key)
+    plan.audits.append(Audit(change, "applied"))
+
+
 def _apply_event(
     decoded: Decoded,
     state: AgentState,
@@ -237,6 +295,7 @@ def _apply_event(
         delta.observed_state = [r.model_dump() for r in event.payload.resources]
         delta.observed_reports += 1
         delta.observed_at = record.accepted_at
+        plan.reconcile.add(env_key)
         return Outcome(decoded, "applied")
     if isinstance(event, CommandResultEvent):
         return _command_result(decoded, event, plan, known, settled_commands)
@@ -273,9 +332,76 @@ def _latest(current: datetime | None, candidate: datetime) -> datetime:
     return candidate if current is None or candidate > current else current
 
 
-def command_ids(batch: Iterable[Decoded]) -> set[int]:
+def command_ids(batch: Iterable[Decoded | DecodedChange]) -> set[int]:
     return {
         d.record.event.payload.command_id
         for d in batch
-        if isinstance(d.record.event, CommandResultEvent)
+        if isinstance(d, Decoded) and isinstance(d.record.event, CommandResultEvent)
     }
+
+
+# --- Reconciliation ---------------------------------------------------------------
+
+ResourceKey = tuple[str, str]
+"""(kind, name)"""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCommand:
+    id: int
+    action: str
+    kind: str
+    name: str
+    version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    action: Literal["create", "update", "delete"]
+    kind: str
+    name: str
+    version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    create: list[CommandSpec]
+    supersede: list[int]
+    """Pending commands that no longer lead to the desired state."""
+    converged: bool
+    """The observed state already is the desired state."""
+
+
+def reconcile(
+    desired: Sequence[Mapping[str, Any]],
+    observed: Sequence[Mapping[str, Any]],
+    pending: Sequence[PendingCommand],
+) -> Reconciliation:
+    """The commands that move ``observed`` to ``desired``, given those already pending.
+
+    A pending command that still leads where desired stays (no duplicate on
+    redelivery or on repeated reports); one that leads elsewhere is superseded.
+    """
+    want = {(r["kind"], r["name"]): r["version"] for r in desired}
+    have = {(r["kind"], r["name"]): r["version"] for r in observed}
+    needed: dict[ResourceKey, CommandSpec] = {}
+    for key, version in want.items():
+        if key not in have:
+            needed[key] = CommandSpec("create", key[0], key[1], version)
+        elif have[key] != version:
+            needed[key] = CommandSpec("update", key[0], key[1], version)
+    for key in have.keys() - want.keys():
+        needed[key] = CommandSpec("delete", key[0], key[1], None)
+
+    by_resource = {(p.kind, p.name): p for p in pending}
+    create: list[CommandSpec] = []
+    supersede: list[int] = []
+    for key, spec in sorted(needed.items()):
+        current = by_resource.get(key)
+        if current is not None and (current.action, current.version) == (spec.action, spec.version):
+            continue
+        if current is not None:
+            supersede.append(current.id)
+        create.append(spec)
+    supersede.extend(p.id for key, p in sorted(by_resource.items()) if key not in needed)
+    return Reconciliation(create, supersede, converged=not needed)

@@ -90,3 +90,24 @@ async def current_epoch(conn: AsyncConnection, topic: str, partition: int) -> in
         )
     ).one_or_none()
     return None if row is None else int(row.epoch)
+
+
+async def check_fenced(conn: AsyncConnection, claim: Claim) -> None:
+    """Raise FencedError unless ``claim`` still holds the current epoch.
+
+    For transactions that change fleet state without consuming records (timers);
+    the share lock holds a takeover back until this transaction ends.
+    """
+    row = (
+        await conn.execute(
+            select(partition_ownership.c.epoch)
+            .where(
+                partition_ownership.c.topic == claim.topic,
+                partition_ownership.c.partition == claim.partition,
+                partition_ownership.c.epoch == claim.epoch,
+            )
+            .with_for_update(read=True)
+        )
+    ).one_or_none()
+    if row is None:
+        raise FencedError(claim.topic, claim.partition, claim.epoch)

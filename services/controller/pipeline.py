@@ -29,10 +29,29 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from services.controller.handlers import Decoded, Delivered, Plan, Poison, decode, plan_batch
+from services.controller.handlers import (
+    Decoded,
+    DecodedChange,
+    Delivered,
+    Plan,
+    Poison,
+    decode,
+    plan_batch,
+)
 from services.controller.metrics import ControllerMetrics
-from services.controller.ownership import Claim, FencedError, advance_fenced, take_epoch
-from services.controller.store import load_known_state, write_plan
+from services.controller.ownership import (
+    Claim,
+    FencedError,
+    advance_fenced,
+    check_fenced,
+    take_epoch,
+)
+from services.controller.store import (
+    expire_commands,
+    load_known_state,
+    reconcile_environments,
+    write_plan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +161,7 @@ class Applier:
         metrics: ControllerMetrics,
         *,
         max_backoff_s: float = 5.0,
+        ack_timeout_s: float = 30.0,
     ) -> None:
         self._engine = engine
         self._ownerships = ownerships
@@ -149,6 +169,7 @@ class Applier:
         self._seek = seek
         self._metrics = metrics
         self._max_backoff_s = max_backoff_s
+        self._ack_timeout_s = ack_timeout_s
 
     async def apply(self, delivered: Sequence[Delivered]) -> None:
         """Apply a consumed batch, partition by partition, in offset order."""
@@ -168,7 +189,7 @@ class Applier:
             return
         if not run:
             return
-        decoded: list[Decoded] = []
+        decoded: list[Decoded | DecodedChange] = []
         for record in run:
             result = decode(record)
             if isinstance(result, Poison):
@@ -216,6 +237,8 @@ class Applier:
             self._metrics.events_applied.labels(
                 outcome.decoded.record.event.type, outcome.status
             ).inc()
+        for audit in plan.audits:
+            self._metrics.events_applied.labels("desired_state", audit.outcome).inc()
         for reason in plan.resync_requests:
             self._metrics.resync_requests.labels(reason).inc()
 
@@ -248,11 +271,21 @@ class Applier:
             run.append(record)
         return run
 
-    async def _transaction(self, claim: Claim, decoded: list[Decoded], next_offset: int) -> Plan:
+    async def _transaction(
+        self, claim: Claim, decoded: list[Decoded | DecodedChange], next_offset: int
+    ) -> Plan:
         async with self._engine.begin() as conn:
             known = await load_known_state(conn, decoded)
             plan = plan_batch(decoded, known)
             await write_plan(conn, plan, claim.epoch)
+            if plan.reconcile:
+                await reconcile_environments(
+                    conn,
+                    plan.reconcile,
+                    epoch=claim.epoch,
+                    partition=claim.partition,
+                    ack_timeout_s=self._ack_timeout_s,
+                )
             await advance_fenced(conn, claim, next_offset)
         return plan
 
@@ -264,3 +297,55 @@ class Applier:
             error,
             state.next_action.sleep if state.next_action else 0.0,
         )
+
+
+class CommandTimer:
+    """Re-offers overdue commands and times out those out of attempts, per held partition."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        ownerships: Ownerships,
+        metrics: ControllerMetrics,
+        *,
+        ack_timeout_s: float,
+        max_attempts: int,
+        max_backoff_s: float = 60.0,
+    ) -> None:
+        self._engine = engine
+        self._ownerships = ownerships
+        self._metrics = metrics
+        self._ack_timeout_s = ack_timeout_s
+        self._max_attempts = max_attempts
+        self._max_backoff_s = max_backoff_s
+
+    async def tick(self) -> None:
+        for partition, claim in sorted(self._ownerships.held().items()):
+            try:
+                async with self._engine.begin() as conn:
+                    await check_fenced(conn, claim)
+                    reoffered, timed_out = await expire_commands(
+                        conn,
+                        partition=partition,
+                        epoch=claim.epoch,
+                        ack_timeout_s=self._ack_timeout_s,
+                        max_attempts=self._max_attempts,
+                        max_backoff_s=self._max_backoff_s,
+                    )
+            except FencedError:
+                self._metrics.fenced_writes.inc()
+                self._ownerships.release([partition])
+                continue
+            except Exception as e:
+                if not _is_transient(e):
+                    raise
+                logger.warning("command timer: database unavailable (%s); next tick retries", e)
+                return
+            if reoffered or timed_out:
+                logger.info(
+                    "%s[%d]: re-offered %d command(s), timed out %d",
+                    claim.topic,
+                    partition,
+                    reoffered,
+                    timed_out,
+                )

@@ -37,6 +37,11 @@ class ControllerSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
     retry_max_backoff_s: float = Field(default=5.0, gt=0, le=60)
     """Cap on the pause between attempts while PostgreSQL is unavailable."""
+    command_ack_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """How long an offered command may go without a result before it is offered again."""
+    command_max_attempts: int = Field(default=5, ge=1, le=100)
+    """Offers before a command without result is marked timed_out."""
+    command_timer_interval_s: float = Field(default=1.0, gt=0, le=60)
     startup_timeout_s: float = Field(default=60.0, gt=0)
     """How long to wait for Kafka and PostgreSQL at start before giving up."""
     data_dir: Path = Path(".run/controller")

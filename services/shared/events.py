@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from services.shared.identity import ID_PATTERN
 
@@ -117,7 +117,48 @@ class AgentEventRecord(_Strict):
     event: AgentEvent
 
 
-TopicRecord = AgentEventRecord
+class DesiredResource(_Strict):
+    kind: ResourceKind
+    name: ResourceName
+    version: Version
+
+
+class DesiredState(_Strict):
+    """The body of an operator's desired-state change for one environment.
+
+    ``revision`` must grow with every change; the controller ignores a change whose
+    revision is not above the environment's current one (stale or replayed).
+    """
+
+    revision: Annotated[int, Field(ge=1, le=2**53)]
+    resources: Annotated[list[DesiredResource], Field(max_length=MAX_RESOURCES_PER_REPORT)]
+
+    @model_validator(mode="after")
+    def _unique_resources(self) -> DesiredState:
+        keys = [(r.kind, r.name) for r in self.resources]
+        if len(keys) != len(set(keys)):
+            raise ValueError("resources must be unique by (kind, name)")
+        return self
+
+
+class DesiredStateRecord(_Strict):
+    """An operator's desired-state change on the events topic (key = customer id)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    schema_version: Literal[1] = 1
+    kind: Literal["desired_state"] = "desired_state"
+    change_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+    customer_id: Identifier
+    environment_id: Identifier
+    operator: Annotated[str, Field(min_length=1, max_length=128)]
+    """Who made the change: the operator key's id, for the audit record."""
+    accepted_at: datetime
+    request_id: Annotated[str, Field(max_length=128)] | None = None
+    desired: DesiredState
+
+
+TopicRecord = Annotated[AgentEventRecord | DesiredStateRecord, Field(discriminator="kind")]
 TOPIC_RECORD: Final[TypeAdapter[TopicRecord]] = TypeAdapter(TopicRecord)
 
 

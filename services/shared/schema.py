@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Sequence,
     Table,
@@ -55,8 +56,10 @@ environments: Final = Table(
     Column("agent_version", Text),
     Column("health", Text),
     Column("observed_state", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    # The desired revision that the observed state matches (0: none yet).
     Column("observed_revision", BigInteger, nullable=False, server_default=text("0")),
     Column("observed_at", DateTime(timezone=True)),
+    Column("observed_reports", BigInteger, nullable=False, server_default=text("0")),
     Column("desired_state", JSONB),
     Column("desired_revision", BigInteger, nullable=False, server_default=text("0")),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
@@ -118,12 +121,69 @@ commands: Final = Table(
     Column("result_message", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The partition of the customer, so a controller touches only its own commands.
+    Column("partition", Integer, nullable=False),
+    # Offered to the agent from not_before on; re-offered or timed out after deadline_at.
+    Column("not_before", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("deadline_at", DateTime(timezone=True), nullable=False),
     CheckConstraint("action IN ('create', 'update', 'delete')", name="commands_action"),
     CheckConstraint(
         "status IN ('pending', 'succeeded', 'failed', 'timed_out', 'superseded')",
         name="commands_status",
     ),
     Index("commands_environment_status", "customer_id", "environment_id", "status"),
+    Index(
+        "commands_one_pending_per_resource",
+        "customer_id",
+        "environment_id",
+        "resource_kind",
+        "resource_name",
+        unique=True,
+        postgresql_where=text("status = 'pending'"),
+    ),
+    Index(
+        "commands_partition_pending",
+        "partition",
+        "deadline_at",
+        postgresql_where=text("status = 'pending'"),
+    ),
 )
 
-FLEET_TABLES: Final = (partition_ownership, environments, agent_status, event_records, commands)
+operator_audit: Final = Table(
+    "operator_audit",
+    metadata,
+    Column("change_id", Text, primary_key=True),
+    Column("customer_id", Text, nullable=False),
+    Column("environment_id", Text, nullable=False),
+    Column("operator", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("outcome", Text, nullable=False),
+    Column("reason", Text),
+    Column("request_id", Text),
+    Column("accepted_at", DateTime(timezone=True), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("operator_audit_customer", "customer_id", "accepted_at"),
+)
+
+# Owned by gateway_auth; the API reads it to authenticate operators.
+operator_keys: Final = Table(
+    "operator_keys",
+    metadata,
+    Column("key_id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("secret_sha256", LargeBinary, nullable=False),
+    # NULL: the key may act on every customer.
+    Column("customer_id", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+FLEET_TABLES: Final = (
+    partition_ownership,
+    environments,
+    agent_status,
+    event_records,
+    commands,
+    operator_audit,
+)

@@ -12,11 +12,14 @@ from services.controller.handlers import (
     AgentState,
     CommandRow,
     Decoded,
+    DecodedChange,
     Delivered,
     KnownState,
+    PendingCommand,
     Poison,
     decode,
     plan_batch,
+    reconcile,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -37,6 +40,8 @@ def record(
     if payload is None:
         payload = {"agent_version": "1.2.3", "health": "ok"}
     return {
+        "schema_version": 1,
+        "kind": "agent_event",
         "customer_id": customer,
         "environment_id": env,
         "agent_id": agent,
@@ -196,3 +201,85 @@ def test_key_must_be_the_customer_id() -> None:
     result = decode(delivered(record("e1", 1), key=b"c2"))
     assert isinstance(result, Poison)
     assert "key" in result.detail
+
+
+# --- desired state and reconciliation ----------------------------------------------
+
+
+def change(change_id: str, revision: int, resources: list[dict[str, str]]) -> DecodedChange:
+    value = {
+        "schema_version": 1,
+        "kind": "desired_state",
+        "change_id": change_id,
+        "customer_id": "c1",
+        "environment_id": "e1",
+        "operator": "key-1",
+        "accepted_at": T0.isoformat(),
+        "desired": {"revision": revision, "resources": resources},
+    }
+    result = decode(delivered(value))
+    assert isinstance(result, DecodedChange), result
+    return result
+
+
+WEB_2 = {"kind": "deployment", "name": "web", "version": "2.0.0"}
+
+
+def test_desired_change_is_applied_once_and_audited() -> None:
+    plan = plan_batch([change("ch-1", 1, [WEB_2]), change("ch-1", 1, [WEB_2])], known())
+    assert [a.outcome for a in plan.audits] == ["applied"]
+    assert plan.duplicates == 1
+    assert plan.desired[("c1", "e1")].desired.revision == 1
+    assert plan.reconcile == {("c1", "e1")}
+
+
+def test_stale_or_replayed_revision_is_audited_as_ignored() -> None:
+    already = KnownState(frozenset(), {}, {}, frozenset({"ch-0"}), {("c1", "e1"): 3})
+    plan = plan_batch([change("ch-0", 9, [WEB_2]), change("ch-1", 3, [])], already)
+    assert plan.duplicates == 1
+    assert [(a.outcome, a.reason) for a in plan.audits] == [
+        ("ignored", "revision 3 is not above 3")
+    ]
+    assert plan.desired == {}
+
+
+def test_reconcile_creates_updates_and_deletes() -> None:
+    desired = [WEB_2, {"kind": "job", "name": "new", "version": "1.0.0"}]
+    observed = [
+        {"kind": "deployment", "name": "web", "version": "1.0.0"},
+        {"kind": "job", "name": "old", "version": "1.0.0"},
+    ]
+    result = reconcile(desired, observed, [])
+    assert [(c.action, c.name, c.version) for c in result.create] == [
+        ("update", "web", "2.0.0"),
+        ("create", "new", "1.0.0"),
+        ("delete", "old", None),
+    ]
+    assert not result.converged
+
+
+def test_reconcile_keeps_matching_pending_commands_and_supersedes_others() -> None:
+    pending = [
+        PendingCommand(1, "update", "deployment", "web", "2.0.0"),
+        PendingCommand(2, "create", "job", "gone", "1.0.0"),
+    ]
+    result = reconcile(
+        [WEB_2], [{"kind": "deployment", "name": "web", "version": "1.0.0"}], pending
+    )
+    assert result.create == []
+    assert result.supersede == [2]
+
+
+def test_reconcile_replaces_a_pending_command_for_an_older_target() -> None:
+    pending = [PendingCommand(1, "update", "deployment", "web", "1.5.0")]
+    result = reconcile(
+        [WEB_2], [{"kind": "deployment", "name": "web", "version": "1.0.0"}], pending
+    )
+    assert [(c.action, c.version) for c in result.create] == [("update", "2.0.0")]
+    assert result.supersede == [1]
+
+
+def test_reconcile_converged_when_observed_matches() -> None:
+    result = reconcile([WEB_2], [{**WEB_2, "status": "running"}], [])
+    assert result.converged
+    assert result.create == []
