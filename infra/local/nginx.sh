@@ -24,7 +24,7 @@ render() {
     # a placeholder left unfilled is an error rather than a silent blank.
     NGINX_MODULES="$NGINX_MODULES" NGINX_WORKERS="$NGINX_WORKERS" PID_FILE="$PIDFILE" \
         NGINX_DIR="$NGINX_DIR" PKI_DIR="$PKI_DIR" REPO_ROOT="$REPO_ROOT" \
-        EDGE_PORT="$EDGE_PORT" API_SERVERS="${servers%$'\n'}" \
+        EDGE_PORT="$EDGE_PORT" OPERATOR_PORT="$OPERATOR_PORT" API_SERVERS="${servers%$'\n'}" \
         python3 - "$TEMPLATE" "$CONF" <<'PY'
 import os, re, sys
 text = open(sys.argv[1]).read()
@@ -50,6 +50,7 @@ start() {
         return 0
     fi
     require_free_port nginx "$EDGE_PORT"
+    require_free_port nginx "$OPERATOR_PORT"
     render
     # daemon off under setsid: we know the master's pid at once, and it leads a
     # process group that holds its workers.
