@@ -28,6 +28,17 @@ down: ## stop Kafka, PostgreSQL and nginx
 status: ## show what is running
 	bash $(STACK) status
 
+.PHONY: run
+run: ## set up, start everything natively, drive it with simulated agents (Ctrl-C stops)
+	bash infra/local/run.sh
+
+.PHONY: stop
+stop: ## stop everything `make run` started
+	bash infra/local/stop-run.sh
+	-bash infra/local/demo.sh stop
+	bash infra/local/services.sh stop
+	bash $(STACK) down
+
 .PHONY: lint
 lint: ## ruff (lint and format check) and mypy --strict
 	.venv/bin/ruff check .

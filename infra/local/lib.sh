@@ -147,3 +147,11 @@ require_free_port() {
 }
 
 mkdir -p "$LOG_DIR" "$PID_DIR"
+
+# What the Python services read (services/shared/settings.py and friends), kept in
+# step with the ports above so an overridden stack is used consistently.
+export FLEETPLANE_KAFKA_BOOTSTRAP="${FLEETPLANE_KAFKA_BOOTSTRAP:-127.0.0.1:$KAFKA_PORT}"
+export FLEETPLANE_DATABASE_PORT="$PG_PORT" FLEETPLANE_DATABASE_NAME="$PG_DB"
+export FLEETPLANE_DATABASE_USER="$PG_USER" FLEETPLANE_DATABASE_PASSWORD="$PG_PASSWORD"
+export FLEETPLANE_PKI_DIR="$PKI_DIR"
+export FLEETPLANE_CONTROLLER_DATA_DIR="${FLEETPLANE_CONTROLLER_DATA_DIR:-$RUN_DIR/controller}"

@@ -101,6 +101,18 @@ class AgentClient:
         ) as reply:
             return reply.status, await reply.json(content_type=None), reply.content_type
 
+    async def poll_commands(self, wait_s: int) -> tuple[int, dict[str, Any]]:
+        assert self.session is not None
+        async with self.session.get(
+            f"{self.edge_url}/v1/commands", params={"wait": str(wait_s)}
+        ) as reply:
+            return reply.status, await reply.json(content_type=None)
+
+    async def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        assert self.session is not None
+        async with self.session.get(f"{self.edge_url}{path}") as reply:
+            return reply.status, await reply.json(content_type=None)
+
     async def event_status(self, event_id: str) -> tuple[int, dict[str, Any]]:
         assert self.session is not None
         async with self.session.get(f"{self.edge_url}/v1/events/{event_id}") as reply:

@@ -6,6 +6,7 @@ import asyncio
 import ssl
 from pathlib import Path
 
+from services.gateway_auth.operator_keys import create as create_operator_key
 from services.shared.topics import delete_topics, ensure_topics
 from tests.support.processes import ServiceProcess
 from tests.support.stack import FleetEnv, clone_database, drop_database
@@ -41,11 +42,11 @@ class Deployment:
         context.check_hostname = False
         return context
 
-    def start_api(self, port: int) -> ServiceProcess:
+    def start_api(self, port: int, extra_env: dict[str, str] | None = None) -> ServiceProcess:
         process = ServiceProcess(
             name=f"api-{port}",
             args=["-m", "services.api", "--port", str(port)],
-            env=self.fleet.service_env(),
+            env={**self.fleet.service_env(), **(extra_env or {})},
             health_url=f"https://127.0.0.1:{port}/readyz",
             log_path=self.log_dir / f"api-{port}.log",
             ssl_context=self.api_ssl_context(),
@@ -53,9 +54,15 @@ class Deployment:
         self.apis[port] = process
         return process
 
-    def start_apis(self) -> None:
+    def start_apis(self, extra_env: dict[str, str] | None = None) -> None:
         for port in self.fleet.stack.api_ports:
-            self.start_api(port)
+            self.start_api(port, extra_env)
+
+    def operator_key(self, customer_id: str | None) -> str:
+        """A new operator key for one customer (or all when None), stored in this deployment."""
+        return create_operator_key(
+            self.fleet.stack.admin_dsn(self.fleet.database_name), "test", customer_id
+        )
 
     def start_controller(
         self, name: str | None = None, *, wait_ready: bool = True

@@ -1,0 +1,178 @@
+"""Operators, commands and long-polls on the real edge, API, Kafka, controller and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+
+from tests.support.agents import AgentClient
+from tests.support.deployment import Deployment
+from tests.support.operators import OperatorClient
+from tests.support.waiting import eventually
+
+AgentFactory = Any
+WEB = {"kind": "deployment", "name": "web", "version": "2.0.0"}
+JOB = {"kind": "job", "name": "migrate", "version": "1.0.0"}
+
+
+def rows(deployment: Deployment, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(deployment.fleet.stack.admin_dsn(deployment.fleet.database_name)) as conn:
+        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+async def test_desired_state_reaches_a_waiting_long_poll_and_converges(
+    deployment: Deployment, agents: AgentFactory
+) -> None:
+    deployment.start_apis()
+    deployment.start_controller()
+    operator = OperatorClient(deployment.fleet.stack.pki_dir, deployment.operator_key("acme"))
+    agent: AgentClient = agents("acme", "prod", "agent-1")
+    running = [{"kind": "deployment", "name": "web", "version": "1.0.0"}]
+    assert (await agent.post_events([agent.heartbeat(), agent.observed(running)]))[0] == 202
+
+    # The poll waits first; the operator's change must wake it well before `wait` ends.
+    poll = asyncio.create_task(agent.poll_commands(20))
+    await asyncio.sleep(1.0)
+    started = time.monotonic()
+    status, body = await operator.set_desired("acme", "prod", 1, [WEB, JOB])
+    assert status == 202, body
+    status, reply = await poll
+    woken_after = time.monotonic() - started
+    assert status == 200, reply
+    assert woken_after < 10, f"woken after {woken_after:.1f} s: by the timeout, not NOTIFY"
+    commands = reply["commands"]
+    assert sorted(
+        (c["action"], c["resource"]["name"], c["resource"]["version"]) for c in commands
+    ) == [
+        ("create", "migrate", "1.0.0"),
+        ("update", "web", "2.0.0"),
+    ]
+    assert all(c["revision"] == 1 and c["epoch"] >= 1 for c in commands)
+
+    results = [agent.command_result(c["id"], c["epoch"]) for c in commands]
+    assert (await agent.post_events([*results, agent.observed([WEB, JOB])]))[0] == 202
+
+    async def environment() -> dict[str, Any]:
+        return (await operator.environments("acme"))[1]["environments"][0]
+
+    env = await eventually(
+        environment,
+        lambda e: e["observed_revision"] == e["desired_revision"] == 1,
+        what="environment converged",
+    )
+    assert env["pending_commands"] == 0
+    assert env["liveness"] == "connected"
+    statuses = rows(deployment, "SELECT status FROM commands ORDER BY id")
+    assert statuses == [("succeeded",), ("succeeded",)]
+    audit = rows(deployment, "SELECT operator, action, revision, outcome FROM operator_audit")
+    assert [(a[1], a[2], a[3]) for a in audit] == [("set_desired_state", 1, "applied")]
+
+
+async def produce_change(deployment: Deployment, change_id: str, revision: int) -> None:
+    record = {
+        "schema_version": 1,
+        "kind": "desired_state",
+        "change_id": change_id,
+        "customer_id": "acme",
+        "environment_id": "prod",
+        "operator": "replayer",
+        "accepted_at": datetime.now(UTC).isoformat(),
+        "desired": {"revision": revision, "resources": [WEB]},
+    }
+    producer = AIOKafkaProducer(
+        bootstrap_servers=deployment.fleet.stack.kafka_bootstrap, acks="all"
+    )
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            deployment.fleet.events_topic, json.dumps(record).encode(), key=b"acme"
+        )
+    finally:
+        await producer.stop()
+
+
+async def test_redelivered_or_repeated_changes_create_no_duplicate_commands(
+    deployment: Deployment,
+) -> None:
+    deployment.start_controller()
+    change_id = uuid.uuid4().hex
+    for _ in range(3):  # the same change delivered three times
+        await produce_change(deployment, change_id, 1)
+    await produce_change(deployment, uuid.uuid4().hex, 2)  # same resources, new revision
+
+    async def audited() -> int:
+        return len(rows(deployment, "SELECT 1 FROM operator_audit"))
+
+    await eventually(audited, lambda n: n == 2, what="both changes audited")
+    await asyncio.sleep(1)
+    commands = rows(deployment, "SELECT action, resource_name, version, status FROM commands")
+    assert commands == [("create", "web", "2.0.0", "pending")]
+
+
+async def test_silent_agent_becomes_unknown_then_lost(
+    deployment: Deployment, agents: AgentFactory
+) -> None:
+    deployment.start_apis(
+        {"FLEETPLANE_API_LIVENESS_CONNECTED_S": "2", "FLEETPLANE_API_LIVENESS_LOST_S": "5"}
+    )
+    deployment.start_controller()
+    operator = OperatorClient(deployment.fleet.stack.pki_dir, deployment.operator_key(None))
+    agent: AgentClient = agents("acme", "prod", "agent-1")
+    assert (await agent.post_events([agent.heartbeat()]))[0] == 202
+
+    async def liveness() -> str:
+        status, body = await operator.environments("acme")
+        assert status == 200, body
+        envs = body["environments"]
+        return str(envs[0]["liveness"]) if envs else "absent"
+
+    await eventually(liveness, lambda s: s == "connected", what="connected")
+    # No event arrives from here on; only time passes.
+    await eventually(liveness, lambda s: s == "unknown", timeout_s=10, what="unknown")
+    await eventually(liveness, lambda s: s == "lost", timeout_s=10, what="lost")
+
+
+async def test_tenants_and_roles_are_isolated(deployment: Deployment, agents: AgentFactory) -> None:
+    deployment.start_apis()
+    deployment.start_controller()
+    pki = deployment.fleet.stack.pki_dir
+    acme_ops = OperatorClient(pki, deployment.operator_key("acme"))
+    globex_ops = OperatorClient(pki, deployment.operator_key("globex"))
+
+    # An operator key scoped to one customer can neither change nor read another.
+    status, body = await acme_ops.set_desired("globex", "prod", 1, [WEB])
+    assert status in (403, 404), body
+    status, body = await acme_ops.environments("globex")
+    assert status in (403, 404), body
+    assert "globex" not in json.dumps(body.get("environments", []))
+    status, _ = await globex_ops.set_desired("globex", "prod", 1, [WEB])
+    assert status == 202
+
+    # No key, or a made-up one: refused.
+    anonymous = OperatorClient(pki, "fpk_000000000000_" + "x" * 43)
+    assert (await anonymous.environments("acme"))[0] == 401
+
+    # An agent certificate cannot reach operator routes through the agent listener.
+    agent: AgentClient = agents("acme", "prod", "agent-1")
+    status, body = await agent.get("/v1/operator/customers/acme/environments")
+    assert status in (403, 404), body
+
+    # Each agent's long-poll sees only its own environment's commands.
+    globex_prod: AgentClient = agents("globex", "prod", "agent-1")
+    globex_dev: AgentClient = agents("globex", "dev", "agent-1")
+
+    async def poll(a: AgentClient) -> list[dict[str, Any]]:
+        status, reply = await a.poll_commands(0)
+        assert status == 200, reply
+        return list(reply["commands"])
+
+    await eventually(lambda: poll(globex_prod), lambda c: len(c) == 1, what="globex/prod command")
+    assert await poll(globex_dev) == []
+    assert await poll(agent) == []
