@@ -24,7 +24,7 @@ JOB = {"kind": "job", "name": "migrate", "version": "1.0.0"}
 
 def rows(deployment: Deployment, query: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(deployment.fleet.stack.admin_dsn(deployment.fleet.database_name)) as conn:
-        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+        return conn.execute(query, params).fetchall()
 
 
 async def test_desired_state_reaches_a_waiting_long_poll_and_converges(
@@ -60,7 +60,8 @@ async def test_desired_state_reaches_a_waiting_long_poll_and_converges(
     assert (await agent.post_events([*results, agent.observed([WEB, JOB])]))[0] == 202
 
     async def environment() -> dict[str, Any]:
-        return (await operator.environments("acme"))[1]["environments"][0]
+        envs: list[dict[str, Any]] = (await operator.environments("acme"))[1]["environments"]
+        return envs[0]
 
     env = await eventually(
         environment,
