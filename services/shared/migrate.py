@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -30,7 +31,11 @@ def upgrade(settings: DatabaseSettings) -> None:
     command.upgrade(alembic_config(settings.sync_url), "head")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        prog="python -m services.shared.migrate",
+        description="Upgrade the database named by FLEETPLANE_DATABASE_* to the newest schema.",
+    ).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     upgrade(DatabaseSettings())
     logger.info("database schema is at the newest revision")

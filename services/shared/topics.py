@@ -10,6 +10,7 @@ partitions follows the drain-then-add runbook, never a silent change).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -75,7 +76,12 @@ async def ensure_project_topics(settings: KafkaSettings) -> None:
         )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m services.shared.topics",
+        description="Create the events topic and its dead-letter topic if missing "
+        "(FLEETPLANE_KAFKA_BOOTSTRAP, FLEETPLANE_EVENTS_TOPIC, FLEETPLANE_TOPIC_PARTITIONS).",
+    ).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     try:
         asyncio.run(ensure_project_topics(KafkaSettings()))
