@@ -1,0 +1,183 @@
+"""Start the agents, show progress, stop on duration or signal, build the report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import signal
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from bench.simulator.agent import SimAgent
+from bench.simulator.config import SimConfig
+from bench.simulator.display import CLEAR, RecentLog, progress_line, render
+from bench.simulator.scrape import scrape_loop
+from bench.simulator.stats import Stats
+from bench.simulator.transport import HttpTransport, agent_ssl_context
+from services.gateway_auth.pki import load_issuing_ca
+from services.shared.identity import AgentIdentity
+
+log = logging.getLogger(__name__)
+
+TITLE: Final = "fleetplane agent simulator"
+LIVE_EVERY_S: Final = 1.0
+PROGRESS_EVERY_S: Final = 5.0
+ISSUE_CHUNK: Final = 250
+
+
+def prepare_ssl_contexts(
+    pki_dir: Path, identities: Sequence[AgentIdentity]
+) -> list[ssl.SSLContext]:
+    """One client context per identity, each with a freshly issued certificate.
+
+    The certificates never outlive the call: ssl can only load a key from a file,
+    so each is written to a private temporary folder, loaded, and the folder is
+    removed before returning.
+    """
+    root_ca = pki_dir / "root-ca.pem"
+    ca = load_issuing_ca(pki_dir)
+    contexts = []
+    with tempfile.TemporaryDirectory(prefix="fleetplane-sim-") as folder:
+        cert, key = Path(folder) / "agent.pem", Path(folder) / "agent.key"
+        key.touch(mode=0o600)
+        for identity in identities:
+            issued = ca.issue_agent(
+                identity.customer_id, identity.environment_id, identity.agent_id
+            )
+            key.write_bytes(issued.private_key_pem)
+            cert.write_bytes(issued.certificate_pem)
+            contexts.append(agent_ssl_context(root_ca, cert, key))
+    return contexts
+
+
+async def issue_all(config: SimConfig, stop: asyncio.Event, out: TextIO) -> list[ssl.SSLContext]:
+    """Contexts for every agent, made off the loop in chunks; stops early on a signal.
+
+    Each context costs a few milliseconds (mostly OpenSSL), so ten thousand agents
+    take tens of seconds: chunks keep Ctrl-C responsive meanwhile.
+    """
+    identities = list(config.identities())
+    contexts: list[ssl.SSLContext] = []
+    started = time.perf_counter()
+    out.write(f"issuing {len(identities)} agent certificates...\n")
+    out.flush()
+    for first in range(0, len(identities), ISSUE_CHUNK):
+        if stop.is_set():
+            break
+        chunk = identities[first : first + ISSUE_CHUNK]
+        contexts += await asyncio.to_thread(prepare_ssl_contexts, config.pki_dir, chunk)
+    out.write(f"  {len(contexts)} issued in {time.perf_counter() - started:.1f}s\n")
+    out.flush()
+    return contexts
+
+
+async def _after(delay_s: float, work: Coroutine[Any, Any, None]) -> None:
+    try:
+        await asyncio.sleep(delay_s)
+    except asyncio.CancelledError:
+        work.close()  # never started: close it so Python does not warn
+        raise
+    await work
+
+
+async def _show(
+    stats: Stats,
+    clock: Callable[[], float],
+    out: TextIO,
+    live: bool,
+    recent: RecentLog | None,
+) -> None:
+    while True:
+        await asyncio.sleep(LIVE_EVERY_S if live else PROGRESS_EVERY_S)
+        snapshot = stats.snapshot(clock(), recent=True)
+        if live:
+            lines = render(snapshot, TITLE)
+            if recent is not None and recent.lines:
+                lines += ["", "recent problems:", *recent.lines]
+            out.write(CLEAR + "\n".join(lines) + "\n\n(Ctrl-C to stop)\n")
+        else:
+            out.write(progress_line(snapshot) + "\n")
+        out.flush()
+
+
+async def run(
+    config: SimConfig,
+    *,
+    out: TextIO = sys.stdout,
+    recent: RecentLog | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Run until ``config.duration_s`` passes or SIGINT/SIGTERM; return the report."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    stopped_by = "signal"
+    try:
+        contexts = await issue_all(config, stop, out)
+        master = random.Random(config.seed)
+        stats = Stats(clock(), random.Random(master.getrandbits(64)))
+        transports = [HttpTransport(config.edge_url, context) for context in contexts]
+        agents = [
+            SimAgent(identity, config, transport, stats, random.Random(master.getrandbits(64)))
+            # A signal during issuance leaves fewer contexts than identities: zip stops there.
+            for identity, transport in zip(config.identities(), transports, strict=False)
+        ]
+        scrape_transport = HttpTransport("", None) if config.controller_metrics else None
+        tasks: list[asyncio.Task[None]] = [
+            # Spread the starts so N agents do not all handshake in the same instant.
+            asyncio.create_task(_after(config.ramp_s * n / max(len(agents), 1), agent.run()))
+            for n, agent in enumerate(agents)
+        ]
+        if scrape_transport is not None:
+            tasks.append(
+                asyncio.create_task(
+                    scrape_loop(config.controller_metrics, scrape_transport, stats, clock=clock)
+                )
+            )
+        tasks.append(asyncio.create_task(_show(stats, clock, out, config.live, recent)))
+        try:
+            if not stop.is_set():
+                await asyncio.wait_for(stop.wait(), config.duration_s)
+        except TimeoutError:
+            stopped_by = "duration"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            closing = [t.close() for t in transports]
+            if scrape_transport is not None:
+                closing.append(scrape_transport.close())
+            await asyncio.gather(*closing, return_exceptions=True)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+    report = stats.snapshot(clock(), recent=False)
+    return {"stopped_by": stopped_by, "config": _config_dict(config), **report}
+
+
+def _config_dict(config: SimConfig) -> dict[str, Any]:
+    fields = dict(vars(config))
+    for name, value in fields.items():
+        if isinstance(value, Path):
+            fields[name] = str(value)
+        elif isinstance(value, tuple):
+            fields[name] = list(value)
+    return fields
+
+
+def print_report(report: dict[str, Any], out: TextIO) -> None:
+    out.write("\n".join(["", *render(report, f"{TITLE}: final report"), ""]) + "\n")
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

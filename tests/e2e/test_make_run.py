@@ -1,0 +1,131 @@
+"""`make run` then `make stop`: the whole stack comes up, agents' events are applied,
+commands flow, and nothing is left running or listening afterwards.
+
+Runs a second, complete stack beside the test stack, on its own ports and run
+folder, exactly as a developer would start it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.support.stack import ROOT
+
+PORTS = {
+    "FLEETPLANE_KAFKA_PORT": 29092,
+    "FLEETPLANE_KAFKA_CONTROLLER_PORT": 29093,
+    "FLEETPLANE_DATABASE_PORT": 25432,
+    "FLEETPLANE_EDGE_PORT": 28443,
+    "FLEETPLANE_OPERATOR_PORT": 28444,
+}
+API_PORTS = (28081, 28082)
+CONTROLLER_PORTS = (28091, 28092)
+ALL_PORTS = (*PORTS.values(), *API_PORTS, *CONTROLLER_PORTS)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(f"{proc.name}: {cmdline[:160]}")
+    return found
+
+
+@pytest.fixture
+def run_env() -> Iterator[dict[str, str]]:
+    run_dir = ROOT / ".run" / "make-run-test"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETPLANE_")}
+    env.update({name: str(port) for name, port in PORTS.items()})
+    env.update(
+        {
+            "FLEETPLANE_RUN_DIR": str(run_dir),
+            "FLEETPLANE_API_PORTS": " ".join(map(str, API_PORTS)),
+            "FLEETPLANE_CONTROLLER_PORTS": " ".join(map(str, CONTROLLER_PORTS)),
+            "FLEETPLANE_RUN_DURATION": "240",
+            "FLEETPLANE_SIM_AGENTS": "12",
+            "FLEETPLANE_SIM_CUSTOMERS": "3",
+        }
+    )
+    busy = [p for p in ALL_PORTS if listening(p)]
+    assert not busy, f"ports already in use before make run: {busy}"
+    yield env
+    # Whatever happened, leave nothing behind for the next test.
+    subprocess.run(["make", "stop"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+
+
+def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
+    log_path = Path(run_env["FLEETPLANE_RUN_DIR"]).with_suffix(".log")
+    with log_path.open("wb") as log:
+        run = subprocess.Popen(
+            ["make", "run"],
+            cwd=ROOT,
+            env=run_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    dsn = (
+        f"host=127.0.0.1 port={PORTS['FLEETPLANE_DATABASE_PORT']} dbname=fleetplane "
+        "user=fleetplane password=fleetplane connect_timeout=2"
+    )
+    try:
+        deadline = time.monotonic() + 240
+        applied = succeeded = 0
+        while time.monotonic() < deadline and run.poll() is None:
+            try:
+                with psycopg.connect(dsn) as conn:
+                    applied = conn.execute("SELECT count(*) FROM event_records").fetchone()[0]  # type: ignore[index]
+                    succeeded = conn.execute(
+                        "SELECT count(*) FROM commands WHERE status = 'succeeded'"
+                    ).fetchone()[0]  # type: ignore[index]
+            except psycopg.Error:
+                pass  # not up yet
+            if applied > 50 and succeeded > 0:
+                break
+            time.sleep(2)
+        output = log_path.read_text(errors="replace")
+        assert run.poll() is None, f"make run exited early:\n{output[-3000:]}"
+        assert applied > 50, f"only {applied} events applied:\n{output[-3000:]}"
+        assert succeeded > 0, f"no command succeeded:\n{output[-3000:]}"
+        assert "Fleetplane is running" in output
+    finally:
+        stop = subprocess.run(
+            ["make", "stop"], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=180
+        )
+        try:
+            run.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            raise
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    time.sleep(1)
+    assert [p for p in ALL_PORTS if listening(p)] == []
+    assert processes_mentioning(run_env["FLEETPLANE_RUN_DIR"]) == []
+    assert processes_mentioning("services.api --port 2808") == []
+    assert processes_mentioning("services.controller --web-port 2809") == []
+    assert processes_mentioning("bench.simulator") == []
