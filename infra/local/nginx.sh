@@ -18,7 +18,7 @@ render() {
     mkdir -p "$NGINX_DIR/logs" "$NGINX_DIR/temp"
     local servers="" port
     for port in $API_PORTS; do
-        servers+="        server 127.0.0.1:$port max_fails=1 fail_timeout=2s;"$'\n'
+        servers+="        server 127.0.0.1:$port max_fails=3 fail_timeout=2s;"$'\n'
     done
     # Plain placeholder replacement: nginx's own $variables stay untouched, and
     # a placeholder left unfilled is an error rather than a silent blank.

@@ -10,9 +10,21 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from services.api.kafka import kafka_producer
-from services.api.keys import EVENTS, METRICS, PRODUCER, REPOSITORY, SETTINGS
+from services.api.keys import (
+    EVENTS,
+    METRICS,
+    OPERATORS,
+    POLLER,
+    PRODUCER,
+    REPOSITORY,
+    SETTINGS,
+    SIGNALS,
+)
+from services.api.longpoll import CommandPoller, CommandSignals
 from services.api.metrics import ApiMetrics
 from services.api.middlewares import metrics_middleware, problem_middleware, request_id_middleware
+from services.api.notify_listener import command_listener
+from services.api.operators import OperatorAuthenticator
 from services.api.repository import FleetRepository, sql_repository
 from services.api.routes import setup_routes
 from services.api.service import EventService, RecordProducer
@@ -22,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ProducerFactory = Callable[[ApiSettings], AbstractAsyncContextManager[RecordProducer]]
 RepositoryFactory = Callable[[ApiSettings], AbstractAsyncContextManager[FleetRepository]]
+ListenerFactory = Callable[[ApiSettings, CommandSignals], AbstractAsyncContextManager[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,12 +42,14 @@ class Dependencies:
     """Where the app's external resources come from.
 
     The defaults are the production ones (a started Kafka producer, a PostgreSQL
-    engine); unit tests pass fakes. Each factory is entered when the app starts
-    and exited when it cleans up.
+    engine, a LISTEN connection that feeds the given CommandSignals); unit tests
+    pass fakes. Each factory is entered when the app starts and exited when it
+    cleans up.
     """
 
     producer: ProducerFactory = kafka_producer
     repository: RepositoryFactory = sql_repository
+    command_listener: ListenerFactory = command_listener
 
 
 def create_app(
@@ -42,7 +57,8 @@ def create_app(
 ) -> web.Application:
     """The API application; nothing connects until it starts (``AppRunner.setup``).
 
-    Startup fails (KafkaError) if no Kafka broker answers; PostgreSQL connects lazily.
+    Startup fails (KafkaError) if no Kafka broker answers; PostgreSQL connects
+    lazily, and the LISTEN connection for long polls connects in the background.
     """
     deps = dependencies or Dependencies()
     app = web.Application(
@@ -81,6 +97,34 @@ def create_app(
         )
         yield
 
-    app.cleanup_ctx.extend([metrics_ctx, producer_ctx, repository_ctx, events_ctx])
+    @asynccontextmanager
+    async def operators_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[OPERATORS] = OperatorAuthenticator(
+            app[REPOSITORY], cache_s=settings.operator_key_cache_s
+        )
+        yield
+
+    @asynccontextmanager
+    async def commands_ctx(app: web.Application) -> AsyncIterator[None]:
+        signals = CommandSignals()
+        app[SIGNALS] = signals
+        app[POLLER] = CommandPoller(app[REPOSITORY], signals)
+        async with deps.command_listener(settings, signals):
+            yield
+            # Waiting polls were already answered by end_polls (on_shutdown).
+            log.info("stopping the commands listener")
+
+    async def end_polls(app: web.Application) -> None:
+        # on_shutdown runs after the listening socket closed and before aiohttp
+        # waits (up to shutdown_timeout_s) for in-flight requests: waiting polls
+        # answer now instead of being cut off.
+        signals = app.get(SIGNALS)
+        if signals is not None:
+            log.info("ended %d waiting poll(s) for shutdown", signals.close())
+
+    app.on_shutdown.append(end_polls)
+    app.cleanup_ctx.extend(
+        [metrics_ctx, producer_ctx, repository_ctx, events_ctx, operators_ctx, commands_ctx]
+    )
     setup_routes(app)
     return app

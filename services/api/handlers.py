@@ -4,17 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from services.api.auth import SERIAL_HEADER, identity_from_request
-from services.api.keys import EVENTS, METRICS, PRODUCER, REPOSITORY, REQUEST_ID, SETTINGS
+from services.api.auth import (
+    SERIAL_HEADER,
+    PeerCert,
+    identity_from_request,
+    operator_credentials_from_request,
+)
+from services.api.keys import (
+    EVENTS,
+    METRICS,
+    OPERATORS,
+    POLLER,
+    PRODUCER,
+    REPOSITORY,
+    REQUEST_ID,
+    SETTINGS,
+)
+from services.api.longpoll import parse_wait
+from services.api.models import (
+    AuditEntry,
+    AuditReply,
+    DesiredStateAccepted,
+    EnvironmentsReply,
+    EventsAccepted,
+    EventStatusReply,
+    HealthReply,
+    ReadyReply,
+)
+from services.api.openapi import openapi_text
+from services.api.operators import (
+    AUDIT_LIMIT_DEFAULT,
+    AUDIT_LIMIT_MAX,
+    OperatorKey,
+    environment_views,
+)
+from services.api.params import path_id, query_int
 from services.api.problems import (
     FieldError,
     PayloadTooLarge,
@@ -34,12 +69,37 @@ _TRACE_HEADERS: Final = ("traceparent", "tracestate")
 _DATABASE_DOWN: Final = (OperationalError, InterfaceError, PoolTimeoutError)
 
 
+def _peer_cert(request: web.Request) -> PeerCert | None:
+    transport = request.transport
+    peer_cert: PeerCert | None = (
+        transport.get_extra_info("peercert") if transport is not None else None
+    )
+    return peer_cert
+
+
+def _trace_carrier(request: web.Request) -> dict[str, str]:
+    return {h: request.headers[h] for h in _TRACE_HEADERS if h in request.headers}
+
+
+@contextmanager
+def database_errors(request: web.Request, what: str) -> Iterator[None]:
+    """Turn an unreachable database inside the block into a 503 with Retry-After."""
+    try:
+        yield
+    except _DATABASE_DOWN as e:
+        log.warning("%s failed: %s", what, e)
+        raise ServiceUnavailable(
+            "the fleet database is unavailable; retry later",
+            retry_after_s=request.app[SETTINGS].retry_after_s,
+        ) from e
+
+
 def agent_identity(request: web.Request) -> AgentIdentity:
     """The calling agent, as verified by the edge. Raises Unauthenticated or Forbidden."""
-    transport = request.transport
-    peer_cert = transport.get_extra_info("peercert") if transport is not None else None
     identity = identity_from_request(
-        request.headers.items(), peer_cert, edge_cn=request.app[SETTINGS].edge_client_cn
+        request.headers.items(),
+        _peer_cert(request),
+        edge_cn=request.app[SETTINGS].edge_client_cn,
     )
     log.debug(
         "agent %s (certificate serial %s)",
@@ -74,14 +134,14 @@ async def post_events(request: web.Request) -> web.Response:
             body,
             identity,
             request_id=request[REQUEST_ID],
-            trace_carrier={h: request.headers[h] for h in _TRACE_HEADERS if h in request.headers},
+            trace_carrier=_trace_carrier(request),
         )
     except ServiceUnavailable:
         raise
     except Problem as refused:
         request.app[METRICS].batches_refused.labels(reason=refused.slug).inc()
         raise
-    return web.json_response({"accepted": accepted}, status=202)
+    return _json(EventsAccepted(accepted=accepted), status=202)
 
 
 async def get_event(request: web.Request) -> web.Response:
@@ -96,29 +156,136 @@ async def get_event(request: web.Request) -> web.Response:
             "the event id in the path is not a valid event id",
             errors=(FieldError("event_id", message),),
         ) from e
-    try:
+    with database_errors(request, "event status lookup"):
         found = await request.app[REPOSITORY].event_status(identity, event_id)
-    except _DATABASE_DOWN as e:
-        log.warning("event status lookup failed: %s", e)
-        raise ServiceUnavailable(
-            "the fleet database is unavailable; retry later",
-            retry_after_s=request.app[SETTINGS].retry_after_s,
-        ) from e
     if found is None:
-        return web.json_response({"id": event_id, "status": "pending"})
-    return web.json_response(
-        {
-            "id": found.event_id,
-            "status": found.status,
-            "reason": found.reason,
-            "applied_at": found.applied_at.isoformat(),
-        }
+        # Only the fields that are set: a pending event has no reason or time yet.
+        return _json(EventStatusReply(id=event_id, status="pending"))
+    return _json(
+        EventStatusReply(
+            id=found.event_id,
+            status=found.status,
+            reason=found.reason,
+            applied_at=found.applied_at,
+        )
     )
+
+
+async def get_commands(request: web.Request) -> web.Response:
+    """``GET /v1/commands?wait=<s>``: the caller's environment's due commands (long poll)."""
+    identity = agent_identity(request)
+    wait_s = parse_wait(request.query.getall("wait", []))
+    with database_errors(request, "commands lookup"):
+        reply = await request.app[POLLER].poll(
+            identity.customer_id, identity.environment_id, wait_s
+        )
+    return _json(reply)
+
+
+async def operator_key(request: web.Request) -> OperatorKey:
+    """The calling operator's verified key. Raises OperatorUnauthenticated, Forbidden or 503."""
+    credentials = operator_credentials_from_request(
+        request.headers.items(),
+        _peer_cert(request),
+        edge_cn=request.app[SETTINGS].edge_client_cn,
+    )
+    with database_errors(request, "operator key lookup"):
+        key = await request.app[OPERATORS].authenticate(credentials)
+    log.debug("operator key %s", key.key_id)
+    return key
+
+
+async def _operator_customer(request: web.Request) -> tuple[OperatorKey, str]:
+    """The verified key and the path's customer, which the key may act on (else 404)."""
+    key = await operator_key(request)
+    customer_id = path_id("customer_id", request.match_info["customer_id"])
+    key.require_customer(customer_id)
+    return key, customer_id
+
+
+async def put_desired_state(request: web.Request) -> web.Response:
+    """``PUT /v1/operator/customers/{c}/environments/{e}/desired-state``: 202 once on Kafka."""
+    key, customer_id = await _operator_customer(request)
+    environment_id = path_id("environment_id", request.match_info["environment_id"])
+    body = await read_json_body(request)
+    record = await request.app[EVENTS].accept_desired_state(
+        body,
+        customer_id=customer_id,
+        environment_id=environment_id,
+        operator=key.key_id,
+        request_id=request[REQUEST_ID],
+        trace_carrier=_trace_carrier(request),
+    )
+    log.info(
+        "operator key %s set %s/%s to revision %d (change %s)",
+        key.key_id,
+        customer_id,
+        environment_id,
+        record.desired.revision,
+        record.change_id,
+    )
+    accepted = DesiredStateAccepted(change_id=record.change_id, revision=record.desired.revision)
+    return _json(accepted, status=202)
+
+
+async def get_environments(request: web.Request) -> web.Response:
+    """``GET /v1/operator/customers/{c}/environments``: each environment with its liveness."""
+    _, customer_id = await _operator_customer(request)
+    settings = request.app[SETTINGS]
+    with database_errors(request, "environments lookup"):
+        rows = await request.app[REPOSITORY].environments(customer_id)
+    views = environment_views(
+        rows,
+        datetime.now(UTC),
+        connected_s=settings.liveness_connected_s,
+        lost_s=settings.liveness_lost_s,
+    )
+    return _json(EnvironmentsReply(environments=views))
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    """``GET /v1/operator/customers/{c}/audit?limit=``: latest applied changes, newest first."""
+    _, customer_id = await _operator_customer(request)
+    limit = query_int(
+        request.query.getall("limit", []),
+        "limit",
+        minimum=1,
+        maximum=AUDIT_LIMIT_MAX,
+        default=AUDIT_LIMIT_DEFAULT,
+    )
+    with database_errors(request, "audit lookup"):
+        rows = await request.app[REPOSITORY].audit(customer_id, limit=limit)
+    entries = [
+        AuditEntry(
+            change_id=r.change_id,
+            environment_id=r.environment_id,
+            operator=r.operator,
+            action=r.action,
+            revision=r.revision,
+            outcome=r.outcome,
+            reason=r.reason,
+            request_id=r.request_id,
+            accepted_at=r.accepted_at,
+            applied_at=r.applied_at,
+        )
+        for r in rows
+    ]
+    return _json(AuditReply(entries=entries))
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI 3.1 description of every route; needs no identity."""
+    return web.Response(text=openapi_text(), content_type="application/json")
+
+
+def _json(reply: BaseModel, *, status: int = 200) -> web.Response:
+    # exclude_unset: optional fields a handler did not set are left out, not null.
+    return web.json_response(reply.model_dump(mode="json", exclude_unset=True), status=status)
 
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: answers while the event loop runs; checks no dependency."""
-    return web.json_response({"status": "ok"})
+    return _json(HealthReply(status="ok"))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -136,7 +303,7 @@ async def readyz(request: web.Request) -> web.Response:
         raise ServiceUnavailable(
             f"not ready: {' and '.join(down)} unreachable", retry_after_s=settings.retry_after_s
         )
-    return web.json_response({"status": "ready", "checks": {"kafka": "ok", "postgresql": "ok"}})
+    return _json(ReadyReply(status="ready", checks={"kafka": "ok", "postgresql": "ok"}))
 
 
 async def _probe(name: str, check: Awaitable[None]) -> bool:

@@ -6,7 +6,9 @@ from typing import Final
 
 from aiohttp import web
 
+from services.api.longpoll import CommandPoller, CommandSignals
 from services.api.metrics import ApiMetrics
+from services.api.operators import OperatorAuthenticator
 from services.api.repository import FleetRepository
 from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
@@ -16,4 +18,8 @@ METRICS: Final = web.AppKey("metrics", ApiMetrics)
 PRODUCER: Final = web.AppKey[RecordProducer]("producer")
 REPOSITORY: Final = web.AppKey[FleetRepository]("repository")
 EVENTS: Final = web.AppKey("events", EventService)
+OPERATORS: Final = web.AppKey("operators", OperatorAuthenticator)
+SIGNALS: Final = web.AppKey("signals", CommandSignals)
+"""Wakes waiting long polls; fed by the LISTEN connection (tests call it directly)."""
+POLLER: Final = web.AppKey("poller", CommandPoller)
 REQUEST_ID: Final = web.RequestKey("request_id", str)

@@ -17,6 +17,7 @@ PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 # Not dereferenceable on purpose: RFC 9457 allows a URN as long as it is stable,
 # and clients must match on it rather than on the title.
 TYPE_PREFIX: Final = "urn:fleetplane:problem:"
+WWW_AUTHENTICATE: Final = 'Bearer realm="fleetplane-operator"'
 # A 422 lists at most this many errors so a hostile batch cannot inflate the answer.
 MAX_LISTED_ERRORS: Final = 50
 
@@ -65,10 +66,32 @@ class Unauthenticated(Problem):
     title = "No verified client identity"
 
 
+class OperatorUnauthenticated(Unauthenticated):
+    """No usable operator key: missing, malformed, unknown, revoked or wrong secret.
+
+    The detail never repeats the presented token.
+    """
+
+    slug = "invalid-operator-key"
+    title = "No valid operator key"
+
+    def __init__(self, detail: str) -> None:
+        # RFC 9110: a 401 names the scheme that would succeed.
+        super().__init__(detail, headers={"WWW-Authenticate": WWW_AUTHENTICATE})
+
+
 class Forbidden(Problem):
     status = 403
     slug = "forbidden"
     title = "Forbidden"
+
+
+class NotFound(Problem):
+    """The resource does not exist, or the caller may not know whether it exists."""
+
+    status = 404
+    slug = "not-found"
+    title = "Not Found"
 
 
 class PayloadTooLarge(Problem):

@@ -1,4 +1,4 @@
-"""Reads of fleet state for the API. The API never writes fleet tables."""
+"""Reads of fleet state (and operator keys) for the API. The API never writes these tables."""
 
 from __future__ import annotations
 
@@ -6,15 +6,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
-from sqlalchemy import Select, select, text
+from sqlalchemy import Row, Select, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.settings import ApiSettings
+from services.shared.commands import Command, CommandResource
 from services.shared.db import create_engine
 from services.shared.identity import AgentIdentity
-from services.shared.schema import event_records
+from services.shared.schema import (
+    agent_status,
+    commands,
+    environments,
+    event_records,
+    operator_audit,
+    operator_keys,
+)
+
+MAX_COMMANDS_PER_REPLY: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +37,82 @@ class EventStatus:
     applied_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class StoredOperatorKey:
+    """An operator key that is not revoked, as gateway_auth stored it."""
+
+    key_id: str
+    secret_sha256: bytes
+    customer_id: str | None
+    """None: the key may act on every customer."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentRow:
+    """One environment of a customer as the controller last recorded it, plus counts."""
+
+    environment_id: str
+    last_heartbeat_at: datetime | None
+    agent_version: str | None
+    health: str | None
+    desired_revision: int
+    observed_revision: int
+    pending_commands: int
+    agents: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCommands:
+    """Commands an environment's agents may run now, and when the next one becomes ready."""
+
+    commands: list[Command]
+    """Pending and due (``not_before`` passed), oldest first, at most MAX_COMMANDS_PER_REPLY."""
+    next_due_in_s: float | None = None
+    """Seconds until the earliest pending command not yet due is due; None if there is none.
+
+    A re-offered command is held back (``not_before`` in the future) and no NOTIFY
+    announces the moment it becomes due, so a waiting poll wakes itself then.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    change_id: str
+    environment_id: str
+    operator: str
+    action: str
+    revision: int
+    outcome: str
+    reason: str | None
+    request_id: str | None
+    accepted_at: datetime
+    applied_at: datetime
+
+
 class FleetRepository(Protocol):
-    """Read access to fleet state, always scoped to the caller's identity."""
+    """Read access to fleet state, always scoped to the caller's identity or customer."""
 
     async def event_status(self, identity: AgentIdentity, event_id: str) -> EventStatus | None:
         """The record of ``event_id`` sent by exactly this agent, or None if not (yet) recorded.
 
         Never returns another agent's, environment's or customer's record.
         """
+        ...
+
+    async def pending_commands(self, customer_id: str, environment_id: str) -> PendingCommands:
+        """The environment's pending commands that are due; never another environment's."""
+        ...
+
+    async def environments(self, customer_id: str) -> list[EnvironmentRow]:
+        """Every environment the controller recorded for the customer, sorted by id."""
+        ...
+
+    async def audit(self, customer_id: str, *, limit: int) -> list[AuditRow]:
+        """The customer's latest ``limit`` operator changes as applied, newest first."""
+        ...
+
+    async def operator_key(self, key_id: str) -> StoredOperatorKey | None:
+        """The key with this id unless it is unknown or revoked."""
         ...
 
     async def ping(self) -> None:
@@ -54,6 +132,124 @@ def event_status_query(identity: AgentIdentity, event_id: str) -> Select[Any]:
     )
 
 
+def _for_environment(customer_id: str, environment_id: str) -> tuple[Any, ...]:
+    return (
+        commands.c.customer_id == customer_id,
+        commands.c.environment_id == environment_id,
+        commands.c.status == "pending",
+    )
+
+
+def due_commands_query(customer_id: str, environment_id: str) -> Select[Any]:
+    """Pending, due commands of one environment, oldest first, capped."""
+    return (
+        select(
+            commands.c.id,
+            commands.c.epoch,
+            commands.c.revision,
+            commands.c.action,
+            commands.c.resource_kind,
+            commands.c.resource_name,
+            commands.c.version,
+            commands.c.attempts,
+        )
+        .where(*_for_environment(customer_id, environment_id), commands.c.not_before <= func.now())
+        .order_by(commands.c.id)
+        .limit(MAX_COMMANDS_PER_REPLY)
+    )
+
+
+def next_due_query(customer_id: str, environment_id: str) -> Select[Any]:
+    """Seconds until the environment's earliest held-back pending command is due (or NULL)."""
+    return select(
+        func.extract("epoch", func.min(commands.c.not_before) - func.now()).label("due_in_s")
+    ).where(*_for_environment(customer_id, environment_id), commands.c.not_before > func.now())
+
+
+def command_from_row(row: Row[Any] | Any) -> Command:
+    """The agent's view of a commands row (see services.shared.commands)."""
+    return Command(
+        id=row.id,
+        epoch=row.epoch,
+        revision=row.revision,
+        action=row.action,
+        resource=CommandResource(
+            kind=row.resource_kind,
+            name=row.resource_name,
+            version=None if row.action == "delete" else row.version,
+        ),
+        # The controller writes attempts=1 on creation; the column's default of 0
+        # would only show for a row written by hand, which is still a first offer.
+        attempt=max(row.attempts, 1),
+    )
+
+
+def environments_query(customer_id: str) -> Select[Any]:
+    """The customer's environments with their pending-command and agent counts, by id."""
+    pending = (
+        select(func.count())
+        .select_from(commands)
+        .where(
+            commands.c.customer_id == environments.c.customer_id,
+            commands.c.environment_id == environments.c.environment_id,
+            commands.c.status == "pending",
+        )
+        .correlate(environments)
+        .scalar_subquery()
+    )
+    agents = (
+        select(func.count())
+        .select_from(agent_status)
+        .where(
+            agent_status.c.customer_id == environments.c.customer_id,
+            agent_status.c.environment_id == environments.c.environment_id,
+        )
+        .correlate(environments)
+        .scalar_subquery()
+    )
+    return (
+        select(
+            environments.c.environment_id,
+            environments.c.last_heartbeat_at,
+            environments.c.agent_version,
+            environments.c.health,
+            environments.c.desired_revision,
+            environments.c.observed_revision,
+            pending.label("pending_commands"),
+            agents.label("agents"),
+        )
+        .where(environments.c.customer_id == customer_id)
+        .order_by(environments.c.environment_id)
+    )
+
+
+def audit_query(customer_id: str, limit: int) -> Select[Any]:
+    return (
+        select(
+            operator_audit.c.change_id,
+            operator_audit.c.environment_id,
+            operator_audit.c.operator,
+            operator_audit.c.action,
+            operator_audit.c.revision,
+            operator_audit.c.outcome,
+            operator_audit.c.reason,
+            operator_audit.c.request_id,
+            operator_audit.c.accepted_at,
+            operator_audit.c.applied_at,
+        )
+        .where(operator_audit.c.customer_id == customer_id)
+        .order_by(operator_audit.c.accepted_at.desc(), operator_audit.c.change_id)
+        .limit(limit)
+    )
+
+
+def operator_key_query(key_id: str) -> Select[Any]:
+    """The key with this id, only while it is not revoked."""
+    return select(
+        operator_keys.c.key_id, operator_keys.c.secret_sha256, operator_keys.c.customer_id
+    ).where(operator_keys.c.key_id == key_id, operator_keys.c.revoked_at.is_(None))
+
+
 class SqlFleetRepository:
     """FleetRepository on PostgreSQL. Does not own ``engine``."""
 
@@ -70,6 +266,62 @@ class SqlFleetRepository:
             "applied" if row.status == "applied" else "rejected"
         )
         return EventStatus(event_id, status, row.reason, row.applied_at)
+
+    async def pending_commands(self, customer_id: str, environment_id: str) -> PendingCommands:
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(due_commands_query(customer_id, environment_id))).all()
+            due_in_s = None
+            if not rows:
+                due_in_s = (
+                    await connection.execute(next_due_query(customer_id, environment_id))
+                ).scalar_one()
+        return PendingCommands(
+            [command_from_row(row) for row in rows],
+            None if due_in_s is None else max(float(due_in_s), 0.0),
+        )
+
+    async def environments(self, customer_id: str) -> list[EnvironmentRow]:
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(environments_query(customer_id))).all()
+        return [
+            EnvironmentRow(
+                environment_id=r.environment_id,
+                last_heartbeat_at=r.last_heartbeat_at,
+                agent_version=r.agent_version,
+                health=r.health,
+                desired_revision=r.desired_revision,
+                observed_revision=r.observed_revision,
+                pending_commands=r.pending_commands,
+                agents=r.agents,
+            )
+            for r in rows
+        ]
+
+    async def audit(self, customer_id: str, *, limit: int) -> list[AuditRow]:
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(audit_query(customer_id, limit))).all()
+        return [
+            AuditRow(
+                change_id=r.change_id,
+                environment_id=r.environment_id,
+                operator=r.operator,
+                action=r.action,
+                revision=r.revision,
+                outcome=r.outcome,
+                reason=r.reason,
+                request_id=r.request_id,
+                accepted_at=r.accepted_at,
+                applied_at=r.applied_at,
+            )
+            for r in rows
+        ]
+
+    async def operator_key(self, key_id: str) -> StoredOperatorKey | None:
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(operator_key_query(key_id))).one_or_none()
+        if row is None:
+            return None
+        return StoredOperatorKey(row.key_id, bytes(row.secret_sha256), row.customer_id)
 
     async def ping(self) -> None:
         async with self.engine.connect() as connection:

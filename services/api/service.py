@@ -1,7 +1,9 @@
-"""Accepting agent events: validate a batch, stamp identity, produce, wait for the broker.
+"""Accepting agent events and operator changes: validate, stamp, produce, wait for the broker.
 
 Plain asyncio and pydantic, no aiohttp: the handler hands over the raw body and
-the edge-verified identity, and gets back the accepted ids or a Problem.
+the edge-verified identity (or the verified operator key), and gets back what was
+accepted or a Problem. Both kinds of record travel on the events topic keyed by
+customer id and go through the same produce path (``EventService.publish``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +29,13 @@ from services.api.problems import (
     ServiceUnavailable,
     ValidationFailed,
 )
-from services.shared.events import EVENT_TYPES, AgentEventRecord, EventBatch
+from services.shared.events import (
+    EVENT_TYPES,
+    AgentEventRecord,
+    DesiredState,
+    DesiredStateRecord,
+    EventBatch,
+)
 from services.shared.identity import AgentIdentity
 
 log = logging.getLogger(__name__)
@@ -100,6 +109,17 @@ def validation_errors(error: ValidationError) -> tuple[FieldError, ...]:
     )
 
 
+def _body_problem(error: ValidationError, what: str) -> MalformedRequest | ValidationFailed:
+    """MalformedRequest when the body is not JSON at all, else ValidationFailed listing fields."""
+    details = error.errors(include_url=False, include_input=False)
+    if details and details[0]["type"] == "json_invalid":
+        return MalformedRequest(f"the body is not valid JSON: {details[0]['msg']}")
+    errors = validation_errors(error)
+    return ValidationFailed(
+        f"the {what} has {len(errors)} invalid field(s); nothing was accepted", errors=errors
+    )
+
+
 def parse_batch(body: bytes) -> EventBatch:
     """Parse and validate a ``POST /v1/events`` body.
 
@@ -109,14 +129,7 @@ def parse_batch(body: bytes) -> EventBatch:
     try:
         batch = EventBatch.model_validate_json(body)
     except ValidationError as e:
-        details = e.errors(include_url=False, include_input=False)
-        if details and details[0]["type"] == "json_invalid":
-            raise MalformedRequest(f"the body is not valid JSON: {details[0]['msg']}") from e
-        errors = validation_errors(e)
-        raise ValidationFailed(
-            f"the batch has {len(errors)} invalid field(s); nothing was accepted",
-            errors=errors,
-        ) from e
+        raise _body_problem(e, "batch") from e
     duplicates = duplicate_id_errors(batch)
     if duplicates:
         raise ValidationFailed(
@@ -157,6 +170,45 @@ def build_records(
     ]
 
 
+def parse_desired_state(body: bytes) -> DesiredState:
+    """Parse and validate a desired-state body (strict, like an event batch).
+
+    Raises MalformedRequest when the body is not JSON, ValidationFailed (one error
+    per invalid field; ``$`` for a cross-field rule such as repeated resources)
+    otherwise.
+    """
+    try:
+        return DesiredState.model_validate_json(body)
+    except ValidationError as e:
+        raise _body_problem(e, "desired state") from e
+
+
+def build_desired_state_record(
+    desired: DesiredState,
+    *,
+    customer_id: str,
+    environment_id: str,
+    operator: str,
+    accepted_at: datetime,
+    request_id: str | None,
+    change_id: str | None = None,
+) -> DesiredStateRecord:
+    """The topic record of one operator change; ``change_id`` defaults to a new uuid4 hex.
+
+    ``customer_id`` and ``environment_id`` must already be valid ids (the record
+    validates them again and raises pydantic.ValidationError otherwise).
+    """
+    return DesiredStateRecord(
+        change_id=change_id or uuid.uuid4().hex,
+        customer_id=customer_id,
+        environment_id=environment_id,
+        operator=operator,
+        accepted_at=accepted_at,
+        request_id=request_id,
+        desired=desired,
+    )
+
+
 def encode_records(records: Sequence[AgentEventRecord]) -> list[tuple[bytes, bytes]]:
     """(key, value) per record: key = customer id, so a customer's events share a partition.
 
@@ -181,7 +233,7 @@ def _utc_now() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class EventService:
-    """Accepts event batches: nothing is answered accepted before the broker acknowledged it."""
+    """Accepts agent batches and operator changes, answering only after Kafka acknowledged."""
 
     producer: RecordProducer
     topic: str
@@ -211,7 +263,70 @@ class EventService:
         """
         batch = parse_batch(body)
         records = build_records(batch, identity, accepted_at=self.clock(), request_id=request_id)
-        encoded = encode_records(records)
+        await self.publish(
+            encode_records(records),
+            trace_carrier=trace_carrier,
+            retry_hint="retry the same batch with the same event ids",
+        )
+        for event in batch.events:
+            self.metrics.events_accepted.labels(type=event.type).inc()
+        return [event.id for event in batch.events]
+
+    async def accept_desired_state(
+        self,
+        body: bytes,
+        *,
+        customer_id: str,
+        environment_id: str,
+        operator: str,
+        request_id: str | None,
+        trace_carrier: Mapping[str, str],
+    ) -> DesiredStateRecord:
+        """Validate an operator's desired state and produce it as one record, keyed by customer.
+
+        Returns the produced record once Kafka acknowledged it. Raises like
+        ``accept``: MalformedRequest or ValidationFailed before producing anything,
+        ServiceUnavailable when Kafka did not acknowledge in time (the operator
+        retries; the controller ignores a revision that is not above the current one).
+        """
+        desired = parse_desired_state(body)
+        record = build_desired_state_record(
+            desired,
+            customer_id=customer_id,
+            environment_id=environment_id,
+            operator=operator,
+            accepted_at=self.clock(),
+            request_id=request_id,
+        )
+        value = record.model_dump_json().encode()
+        # A valid DesiredState is at most a few hundred kB; checked anyway so a
+        # future limit change fails loudly here rather than as endless 503s.
+        if len(value) > MAX_RECORD_BYTES:
+            raise PayloadTooLarge(
+                f"the change is {len(value)} bytes as a record, above the "
+                f"{MAX_RECORD_BYTES}-byte limit"
+            )
+        await self.publish(
+            [(customer_id.encode(), value)],
+            trace_carrier=trace_carrier,
+            retry_hint="retry the change with the same revision",
+        )
+        return record
+
+    async def publish(
+        self,
+        encoded: list[tuple[bytes, bytes]],
+        *,
+        trace_carrier: Mapping[str, str],
+        retry_hint: str,
+    ) -> None:
+        """Produce (key, value) records in order; return once Kafka acknowledged every one.
+
+        Runs in a PRODUCER span continuing ``trace_carrier`` (W3C headers), whose
+        context travels in each record's headers. Raises ServiceUnavailable (detail
+        ends with ``retry_hint``) when Kafka did not acknowledge within
+        produce_timeout_s; the producer's queue is then dropped (see ``accept``).
+        """
         tracer = trace.get_tracer(__name__)
         with tracer.start_as_current_span(
             "fleetplane.events publish",
@@ -228,12 +343,11 @@ class EventService:
             headers: KafkaHeaders = [
                 (name, outgoing[name].encode()) for name in _TRACE_HEADERS if name in outgoing
             ]
-            await self._produce(encoded, headers)
-        for event in batch.events:
-            self.metrics.events_accepted.labels(type=event.type).inc()
-        return [event.id for event in batch.events]
+            await self._produce(encoded, headers, retry_hint=retry_hint)
 
-    async def _produce(self, encoded: list[tuple[bytes, bytes]], headers: KafkaHeaders) -> None:
+    async def _produce(
+        self, encoded: list[tuple[bytes, bytes]], headers: KafkaHeaders, *, retry_hint: str
+    ) -> None:
         futures: list[asyncio.Future[Any]] = []
 
         async def send_all() -> None:
@@ -261,8 +375,8 @@ class EventService:
                 type(e).__name__ if isinstance(e, TimeoutError) else e,
             )
             raise ServiceUnavailable(
-                f"Kafka did not acknowledge the batch within {self.produce_timeout_s:g} s; "
-                "retry the same batch with the same event ids",
+                f"Kafka did not acknowledge the request within {self.produce_timeout_s:g} s; "
+                f"{retry_hint}",
                 retry_after_s=self.retry_after_s,
             ) from e
         finally:

@@ -67,6 +67,21 @@ class ApiSettings(BaseSettings):
     """On SIGTERM, how long in-flight requests may take before they are cancelled."""
     max_body_bytes: int = Field(default=MIB, ge=1024, le=64 * MIB)
     """Largest request body accepted (413 beyond)."""
+    liveness_connected_s: float = Field(default=30.0, gt=0)
+    """An environment whose last heartbeat is at most this old is ``connected``."""
+    liveness_lost_s: float = Field(default=120.0, gt=0)
+    """Older than ``liveness_connected_s`` but at most this old: ``unknown``; older: ``lost``."""
+    operator_key_cache_s: float = Field(default=5.0, ge=0, le=5)
+    """How long a looked-up operator key is reused (0: look up every request).
+
+    Also the longest a revoked key keeps working on an API instance that cached it.
+    """
+
+    @model_validator(mode="after")
+    def _liveness_thresholds_in_order(self) -> ApiSettings:
+        if self.liveness_lost_s <= self.liveness_connected_s:
+            raise ValueError("liveness_lost_s must be above liveness_connected_s")
+        return self
 
     @model_validator(mode="before")
     @classmethod

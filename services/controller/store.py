@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Text, case, func, literal, select, tuple_, update
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.controller.handlers import (
@@ -37,6 +37,20 @@ COMMANDS_CHANNEL = "fleetplane_commands"
 """PostgreSQL NOTIFY channel; the payload is ``<customer>/<environment>``."""
 
 
+def _key_rows(keys: Sequence[tuple[str, ...]], *names: str) -> Any:
+    """The keys as a derived table, one text array per column, joined on an index.
+
+    A row-constructor IN list of a few hundred keys is planned as a scan of the
+    whole table; ``unnest`` of arrays joins through the primary key instead.
+    """
+    columns = [list(column) for column in zip(*keys, strict=True)]
+    return (
+        func.unnest(*(literal(column, ARRAY(Text)) for column in columns))
+        .table_valued(*names)
+        .render_derived()
+    )
+
+
 async def load_known_state(
     conn: AsyncConnection, batch: Sequence[Decoded | DecodedChange]
 ) -> KnownState:
@@ -46,21 +60,28 @@ async def load_known_state(
     agent_keys = list({(d.record.customer_id, d.record.agent_id) for d in events})
     recorded: frozenset[tuple[str, str, str]] = frozenset()
     if event_keys:
+        keys = _key_rows(event_keys, "customer_id", "agent_id", "event_id")
         rows = await conn.execute(
             select(
                 event_records.c.customer_id, event_records.c.agent_id, event_records.c.event_id
-            ).where(
-                tuple_(
-                    event_records.c.customer_id, event_records.c.agent_id, event_records.c.event_id
-                ).in_(event_keys)
+            ).join_from(
+                keys,
+                event_records,
+                (event_records.c.customer_id == keys.c.customer_id)
+                & (event_records.c.agent_id == keys.c.agent_id)
+                & (event_records.c.event_id == keys.c.event_id),
             )
         )
         recorded = frozenset((r.customer_id, r.agent_id, r.event_id) for r in rows)
     agents: dict[tuple[str, str], AgentState] = {}
     if agent_keys:
+        keys = _key_rows(agent_keys, "customer_id", "agent_id")
         rows = await conn.execute(
-            select(agent_status).where(
-                tuple_(agent_status.c.customer_id, agent_status.c.agent_id).in_(agent_keys)
+            select(agent_status).join_from(
+                keys,
+                agent_status,
+                (agent_status.c.customer_id == keys.c.customer_id)
+                & (agent_status.c.agent_id == keys.c.agent_id),
             )
         )
         for r in rows:

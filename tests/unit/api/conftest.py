@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +23,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from services.api.app import Dependencies, create_app
-from services.api.repository import EventStatus
+from services.api.longpoll import CommandSignals
+from services.api.repository import (
+    AuditRow,
+    EnvironmentRow,
+    EventStatus,
+    PendingCommands,
+    StoredOperatorKey,
+)
 from services.api.service import KafkaHeaders
 from services.api.settings import ApiSettings
 from services.api.tls import server_ssl_context
+from services.shared.commands import Command
 from services.shared.identity import AgentIdentity
+from services.shared.operator_keys import NewKey, new_key
 from services.shared.settings import DatabaseSettings, KafkaSettings
 
 EDGE_CN = "fleetplane-edge"
@@ -91,19 +100,59 @@ class FakeProducer:
 
 @dataclass
 class FakeRepository:
-    """A FleetRepository over a dict keyed by (customer, environment, agent, event id)."""
+    """A FleetRepository over dicts: event records keyed by (customer, environment, agent,
+    event id), commands and environments by (customer, environment), audit by customer,
+    operator keys by id (only active ones).
+
+    ``error`` makes every read raise it; ``command_queries`` counts pending-command reads.
+    """
 
     records: dict[tuple[str, str, str, str], EventStatus] = field(default_factory=dict)
+    commands: dict[tuple[str, str], list[Command]] = field(default_factory=dict)
+    next_due_in_s: dict[tuple[str, str], float] = field(default_factory=dict)
+    environment_rows: dict[str, list[EnvironmentRow]] = field(default_factory=dict)
+    audit_rows: dict[str, list[AuditRow]] = field(default_factory=dict)
+    keys: dict[str, StoredOperatorKey] = field(default_factory=dict)
     error: BaseException | None = None
     reachable: bool = True
     calls: list[tuple[AgentIdentity, str]] = field(default_factory=list)
+    command_queries: list[tuple[str, str]] = field(default_factory=list)
+    key_lookups: list[str] = field(default_factory=list)
+
+    def add_key(self, customer_id: str | None) -> NewKey:
+        """Store a new operator key scoped to ``customer_id`` (None: all); returns its token."""
+        key = new_key()
+        self.keys[key.key_id] = StoredOperatorKey(key.key_id, key.secret_sha256, customer_id)
+        return key
+
+    def _fail(self) -> None:
+        if self.error is not None:
+            raise self.error
 
     async def event_status(self, identity: AgentIdentity, event_id: str) -> EventStatus | None:
         self.calls.append((identity, event_id))
-        if self.error is not None:
-            raise self.error
+        self._fail()
         key = (identity.customer_id, identity.environment_id, identity.agent_id, event_id)
         return self.records.get(key)
+
+    async def pending_commands(self, customer_id: str, environment_id: str) -> PendingCommands:
+        self.command_queries.append((customer_id, environment_id))
+        self._fail()
+        key = (customer_id, environment_id)
+        return PendingCommands(list(self.commands.get(key, [])), self.next_due_in_s.get(key))
+
+    async def environments(self, customer_id: str) -> list[EnvironmentRow]:
+        self._fail()
+        return list(self.environment_rows.get(customer_id, []))
+
+    async def audit(self, customer_id: str, *, limit: int) -> list[AuditRow]:
+        self._fail()
+        return self.audit_rows.get(customer_id, [])[:limit]
+
+    async def operator_key(self, key_id: str) -> StoredOperatorKey | None:
+        self.key_lookups.append(key_id)
+        self._fail()
+        return self.keys.get(key_id)
 
     async def ping(self) -> None:
         if not self.reachable:
@@ -119,7 +168,14 @@ def fake_dependencies(producer: FakeProducer, repository: FakeRepository) -> Dep
     async def repository_factory(settings: ApiSettings) -> AsyncIterator[FakeRepository]:
         yield repository
 
-    return Dependencies(producer=producer_factory, repository=repository_factory)
+    @asynccontextmanager
+    async def no_listener(settings: ApiSettings, signals: CommandSignals) -> AsyncIterator[None]:
+        # Tests wake polls through app[SIGNALS] themselves.
+        yield
+
+    return Dependencies(
+        producer=producer_factory, repository=repository_factory, command_listener=no_listener
+    )
 
 
 # --- PKI ----------------------------------------------------------------------
@@ -216,6 +272,7 @@ def settings(pki: Pki) -> ApiSettings:
         produce_timeout_s=0.3,
         retry_after_s=7,
         max_body_bytes=64 * 1024,
+        operator_key_cache_s=0,
     )
 
 
@@ -229,10 +286,73 @@ async def serve(
     repository: FakeRepository,
     client_ssl: ssl.SSLContext,
 ) -> AsyncIterator[Client]:
-    """The app over real TLS on 127.0.0.1, and a client with the given TLS identity."""
+    """The app over real TLS on 127.0.0.1, and a client with the given TLS identity.
+
+    ``client.app`` is the running app (``client.app[SIGNALS]`` wakes polls).
+    """
     app = create_app(settings, dependencies=fake_dependencies(producer, repository))
     server = TestServer(app, host="127.0.0.1")
     await server.start_server(ssl=server_ssl_context(settings))
     client: Client = TestClient(server, connector=aiohttp.TCPConnector(ssl=client_ssl))
     async with client:
         yield client
+
+
+# --- requests through the app ---------------------------------------------------
+
+AGENT_LISTENER = {"X-Fleetplane-Listener": "agent"}
+AGENT = {
+    **AGENT_LISTENER,
+    "X-Fleetplane-Client-DN": "CN=agent-1,OU=prod,O=acme",
+    "X-Fleetplane-Client-Verify": "SUCCESS",
+    "X-Fleetplane-Client-Serial": "01AB",
+}
+OPERATOR_LISTENER = {"X-Fleetplane-Listener": "operator"}
+JSON = {"Content-Type": "application/json"}
+PROBLEM = "application/problem+json"
+
+
+def operator(key: NewKey) -> dict[str, str]:
+    """Headers of an operator request through the edge's operator listener."""
+    return {**OPERATOR_LISTENER, "Authorization": f"Bearer {key.token}"}
+
+
+@pytest.fixture
+def producer() -> FakeProducer:
+    return FakeProducer()
+
+
+@pytest.fixture
+def repository() -> FakeRepository:
+    return FakeRepository()
+
+
+@pytest.fixture
+async def edge(
+    settings: ApiSettings, pki: Pki, producer: FakeProducer, repository: FakeRepository
+) -> AsyncIterator[Client]:
+    """A client holding the edge's client certificate."""
+    async with serve(settings, producer, repository, pki.client_context("edge-client")) as client:
+        yield client
+
+
+async def problem(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    """The problem body of ``response``, after checking it is a well-formed problem."""
+    assert response.status == status, await response.text()
+    assert response.content_type == PROBLEM
+    body: dict[str, Any] = await response.json(content_type=PROBLEM)
+    assert body["status"] == status
+    assert body["type"].startswith("urn:fleetplane:problem:")
+    assert body["title"]
+    assert body["detail"]
+    assert body["request_id"] == response.headers["X-Request-Id"]
+    return body
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    """Return once ``condition()`` holds; fail after ``timeout_s``."""
+    for _ in range(int(timeout_s / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not met in time")

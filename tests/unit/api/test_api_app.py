@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
 import aiohttp
 import pytest
@@ -14,47 +13,18 @@ from sqlalchemy.exc import OperationalError
 from services.api.repository import EventStatus
 from services.api.settings import ApiSettings
 
-from .conftest import Client, FakeProducer, FakeRepository, Pki, serve
+from .conftest import (
+    AGENT,
+    AGENT_LISTENER,
+    JSON,
+    Client,
+    FakeProducer,
+    FakeRepository,
+    Pki,
+    problem,
+    serve,
+)
 from .events_data import batch_body, heartbeat
-
-AGENT = {
-    "X-Fleetplane-Client-DN": "CN=agent-1,OU=prod,O=acme",
-    "X-Fleetplane-Client-Verify": "SUCCESS",
-    "X-Fleetplane-Client-Serial": "01AB",
-}
-JSON = {"Content-Type": "application/json"}
-PROBLEM = "application/problem+json"
-
-
-@pytest.fixture
-def producer() -> FakeProducer:
-    return FakeProducer()
-
-
-@pytest.fixture
-def repository() -> FakeRepository:
-    return FakeRepository()
-
-
-@pytest.fixture
-async def edge(
-    settings: ApiSettings, pki: Pki, producer: FakeProducer, repository: FakeRepository
-) -> AsyncIterator[Client]:
-    """A client holding the edge's client certificate."""
-    async with serve(settings, producer, repository, pki.client_context("edge-client")) as client:
-        yield client
-
-
-async def problem(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.content_type == PROBLEM
-    body: dict[str, Any] = await response.json(content_type=PROBLEM)
-    assert body["status"] == status
-    assert body["type"].startswith("urn:fleetplane:problem:")
-    assert body["title"]
-    assert body["detail"]
-    assert body["request_id"] == response.headers["X-Request-Id"]
-    return body
 
 
 async def test_valid_batch_from_the_edge_is_accepted_with_the_edge_identity(
@@ -121,7 +91,7 @@ async def test_certificate_from_another_ca_cannot_connect(
 
 
 async def test_edge_without_verified_identity_is_401(edge: Client, producer: FakeProducer) -> None:
-    for headers in ({}, {**AGENT, "X-Fleetplane-Client-Verify": "NONE"}):
+    for headers in (AGENT_LISTENER, {**AGENT, "X-Fleetplane-Client-Verify": "NONE"}):
         response = await edge.post(
             "/v1/events", data=batch_body(heartbeat("e1")), headers={**headers, **JSON}
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from datetime import UTC, datetime
 
@@ -9,9 +11,25 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 
 from services.api.metrics import ApiMetrics
-from services.api.problems import PayloadTooLarge, ServiceUnavailable, ValidationFailed
-from services.api.service import EventService, build_records, parse_batch
-from services.shared.events import HeartbeatEvent, decode_topic_record
+from services.api.problems import (
+    MalformedRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ValidationFailed,
+)
+from services.api.service import (
+    EventService,
+    build_desired_state_record,
+    build_records,
+    parse_batch,
+    parse_desired_state,
+)
+from services.shared.events import (
+    AgentEventRecord,
+    DesiredStateRecord,
+    HeartbeatEvent,
+    decode_topic_record,
+)
 from services.shared.identity import AgentIdentity
 
 from .conftest import FakeProducer
@@ -61,6 +79,7 @@ async def test_accept_produces_one_keyed_record_per_event_and_returns_ids() -> N
     assert accepted == ["e1", "e2"]
     assert [(s.topic, s.key) for s in producer.sent] == [("test.events", b"acme")] * 2
     record = decode_topic_record(producer.sent[1].value)
+    assert isinstance(record, AgentEventRecord)
     assert isinstance(record.event, HeartbeatEvent)
     assert (record.customer_id, record.agent_id, record.event.seq) == ("acme", "agent-1", 2)
     assert record.request_id == "req-1"
@@ -155,3 +174,79 @@ async def test_default_timeout_answers_within_five_seconds_when_the_broker_is_go
             batch_body(heartbeat("e1")), IDENTITY, request_id=None, trace_carrier={}
         )
     assert time.monotonic() - started < 5.0
+
+
+# --- operator changes: the same produce path -------------------------------------
+
+DESIRED = b'{"revision": 4, "resources": [{"kind": "app", "name": "web", "version": "2.0"}]}'
+
+
+async def test_desired_state_is_one_record_keyed_by_customer() -> None:
+    producer = FakeProducer()
+    record = await service(producer).accept_desired_state(
+        DESIRED,
+        customer_id="acme",
+        environment_id="prod",
+        operator="0123456789ab",
+        request_id="req-9",
+        trace_carrier={"traceparent": TRACEPARENT},
+    )
+    assert [(s.topic, s.key) for s in producer.sent] == [("test.events", b"acme")]
+    assert producer.sent[0].headers == [("traceparent", TRACEPARENT.encode())]
+    decoded = decode_topic_record(producer.sent[0].value)
+    assert decoded == record
+    assert isinstance(decoded, DesiredStateRecord)
+    assert (decoded.customer_id, decoded.environment_id, decoded.operator) == (
+        "acme",
+        "prod",
+        "0123456789ab",
+    )
+    assert (decoded.accepted_at, decoded.request_id, decoded.desired.revision) == (NOW, "req-9", 4)
+    assert re.fullmatch(r"[0-9a-f]{32}", decoded.change_id)
+
+
+def test_change_ids_are_unique_and_can_be_given() -> None:
+    desired = parse_desired_state(DESIRED)
+    build = functools.partial(
+        build_desired_state_record,
+        desired,
+        customer_id="acme",
+        environment_id="prod",
+        operator="k",
+        accepted_at=NOW,
+        request_id=None,
+    )
+    assert len({build().change_id for _ in range(100)}) == 100
+    assert build(change_id="fixed").change_id == "fixed"
+
+
+async def test_desired_state_when_kafka_is_down_is_503_and_dropped() -> None:
+    producer = FakeProducer(send_blocks=True)
+    with pytest.raises(ServiceUnavailable) as caught:
+        await service(producer).accept_desired_state(
+            DESIRED,
+            customer_id="acme",
+            environment_id="prod",
+            operator="k",
+            request_id=None,
+            trace_carrier={},
+        )
+    assert "retry the change with the same revision" in caught.value.detail
+    assert producer.abandoned == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "problem", "field"),
+    [
+        (b"[", MalformedRequest, None),
+        (b'{"revision": 1}', ValidationFailed, "resources"),
+        (b'{"revision": 1, "resources": [], "extra": 1}', ValidationFailed, "extra"),
+        (b'{"revision": 1.0, "resources": []}', ValidationFailed, "revision"),
+    ],
+)
+def test_desired_state_validation(body: bytes, problem: type[Exception], field: str | None) -> None:
+    with pytest.raises(problem) as caught:
+        parse_desired_state(body)
+    if field is not None:
+        assert isinstance(caught.value, ValidationFailed)
+        assert [e.field for e in caught.value.errors] == [field]

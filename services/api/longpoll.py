@@ -1,0 +1,215 @@
+"""Long-polling for commands (``GET /v1/commands?wait=<s>``) without polling the database.
+
+The controller writes commands and, in the same transaction, NOTIFYs
+``fleetplane_commands`` with ``<customer>/<environment>``. Each API process holds
+one LISTEN connection (``notify_listener.py``) that feeds a ``CommandSignals``
+hub; every waiting poll subscribes to its own environment and is woken only by
+that environment's notifications (or by ``wake_all`` after the LISTEN
+connection was re-established, since notifications sent while it was down are
+lost).
+
+No lost wake-up: a poll subscribes before its first query and clears its
+subscription before every query, so a notification that lands between a query
+and the wait leaves the subscription set and the wait returns at once.
+
+Plain asyncio, no aiohttp and no database driver: the repository and the hub
+are passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from services.api.params import query_int
+from services.api.repository import PendingCommands
+from services.shared.commands import MAX_WAIT_S, CommandsReply
+from services.shared.identity import IdentityError, check_id
+
+log = logging.getLogger(__name__)
+
+COMMANDS_CHANNEL: Final = "fleetplane_commands"
+"""The NOTIFY channel; must equal ``services.controller.store.COMMANDS_CHANNEL`` (tested)."""
+DEFAULT_WAIT_S: Final = 20
+"""``wait`` when the query does not give one."""
+NEXT_POLL_S: Final = (0.5, 1.5)
+"""Range of ``next_poll_s`` after an empty reply: uniform, so agents whose polls ended
+together (a deadline, a restart) do not come back in lockstep. 0 after commands, since
+more may be queued behind the ones returned."""
+MIN_RECHECK_S: Final = 0.05
+"""Shortest self-timed wait for a held-back command, so clock rounding cannot spin."""
+
+EnvironmentKey = tuple[str, str]
+
+
+def parse_wait(values: Sequence[str]) -> int:
+    """The ``wait`` query parameter (all its values, usually none or one) in seconds.
+
+    Absent: DEFAULT_WAIT_S. Raises ValidationFailed naming ``wait`` unless there is
+    exactly one value that is a decimal integer from 0 to MAX_WAIT_S.
+    """
+    return query_int(values, "wait", minimum=0, maximum=MAX_WAIT_S, default=DEFAULT_WAIT_S)
+
+
+def next_poll_delay(uniform: Callable[[float, float], float] = random.uniform) -> float:
+    """``next_poll_s`` for an empty reply (see NEXT_POLL_S)."""
+    return round(uniform(*NEXT_POLL_S), 3)
+
+
+def parse_payload(payload: str) -> EnvironmentKey | None:
+    """(customer, environment) from a ``<customer>/<environment>`` payload; None if malformed."""
+    customer_id, sep, environment_id = payload.partition("/")
+    if not sep:
+        return None
+    try:
+        return check_id("customer", customer_id), check_id("environment", environment_id)
+    except IdentityError:
+        return None
+
+
+class Subscription:
+    """One waiting poll's interest in one environment. Create with ``CommandSignals.subscribe``."""
+
+    __slots__ = ("_event", "key")
+
+    def __init__(self, key: EnvironmentKey) -> None:
+        self.key = key
+        self._event = asyncio.Event()
+
+    @property
+    def signalled(self) -> bool:
+        return self._event.is_set()
+
+    def clear(self) -> None:
+        """Forget past signals; call before each query, never after."""
+        self._event.clear()
+
+    def signal(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True as soon as signalled (at once if already), False after ``timeout_s``."""
+        if self._event.is_set():
+            return True
+        if timeout_s <= 0:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+class CommandSignals:
+    """Wakes waiting polls by environment. One per process, used from its event loop only.
+
+    Cost is one asyncio.Event per waiting poll and a dict entry per environment
+    with waiters; a notification touches only that environment's waiters.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[EnvironmentKey, set[Subscription]] = {}
+        self.closed = False
+        """Set by ``close``: polls stop waiting."""
+
+    def close(self) -> int:
+        """End every wait now and every later one at once (the process is shutting down).
+
+        Returns how many waiters were woken.
+        """
+        self.closed = True
+        return self.wake_all()
+
+    @property
+    def waiting(self) -> int:
+        """Subscriptions currently registered."""
+        return sum(len(subscriptions) for subscriptions in self._waiting.values())
+
+    @contextmanager
+    def subscribe(self, customer_id: str, environment_id: str) -> Iterator[Subscription]:
+        """Register a subscription for the block's duration."""
+        key = (customer_id, environment_id)
+        subscription = Subscription(key)
+        self._waiting.setdefault(key, set()).add(subscription)
+        try:
+            yield subscription
+        finally:
+            subscriptions = self._waiting.get(key)
+            if subscriptions is not None:
+                subscriptions.discard(subscription)
+                if not subscriptions:
+                    del self._waiting[key]
+
+    def notify(self, customer_id: str, environment_id: str) -> int:
+        """Signal the environment's waiters; returns how many there were."""
+        subscriptions = self._waiting.get((customer_id, environment_id), ())
+        for subscription in subscriptions:
+            subscription.signal()
+        return len(subscriptions)
+
+    def notify_payload(self, payload: str) -> int:
+        """``notify`` for a NOTIFY payload; a malformed payload wakes nobody."""
+        key = parse_payload(payload)
+        if key is None:
+            log.warning("ignoring malformed %s payload %r", COMMANDS_CHANNEL, payload[:200])
+            return 0
+        return self.notify(*key)
+
+    def wake_all(self) -> int:
+        """Signal every waiter (they re-query); returns how many."""
+        woken = 0
+        for subscriptions in self._waiting.values():
+            for subscription in subscriptions:
+                subscription.signal()
+            woken += len(subscriptions)
+        return woken
+
+
+class PendingCommandsSource(Protocol):
+    async def pending_commands(self, customer_id: str, environment_id: str) -> PendingCommands:
+        """Due pending commands of one environment; raises when the database is down."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CommandPoller:
+    """Answers long polls: read-only on the database, woken by ``signals``."""
+
+    repository: PendingCommandsSource
+    signals: CommandSignals
+    clock: Callable[[], float] = field(default=time.monotonic)
+    uniform: Callable[[float, float], float] = field(default=random.uniform)
+
+    async def poll(self, customer_id: str, environment_id: str, wait_s: float) -> CommandsReply:
+        """The environment's due commands, as soon as there are some, or none after ``wait_s``.
+
+        Queries once, then again only when the environment's notification arrives
+        (or all waiters are woken), or when a held-back command becomes due, until
+        commands exist, the deadline passes or the signals are closed (shutdown: the
+        agent's next poll reaches another instance). ``next_poll_s`` is 0 with
+        commands, else ``next_poll_delay()``. Database errors propagate.
+        """
+        deadline = self.clock() + wait_s
+        with self.signals.subscribe(customer_id, environment_id) as subscription:
+            while True:
+                subscription.clear()
+                pending = await self.repository.pending_commands(customer_id, environment_id)
+                if pending.commands:
+                    return CommandsReply(commands=pending.commands, next_poll_s=0)
+                remaining = deadline - self.clock()
+                if remaining <= 0 or self.signals.closed:
+                    break
+                timeout = remaining
+                if pending.next_due_in_s is not None:
+                    timeout = min(remaining, max(pending.next_due_in_s, MIN_RECHECK_S))
+                # Timing out at the deadline needs no last query: nothing signalled.
+                if not await subscription.wait(timeout) and timeout == remaining:
+                    break
+        return CommandsReply(commands=[], next_poll_s=next_poll_delay(self.uniform))
