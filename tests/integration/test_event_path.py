@@ -55,7 +55,7 @@ async def test_events_are_applied_in_order_and_reported_applied(
     assert report.recorded == report.accepted == 23
     with psycopg.connect(deployment.fleet.stack.admin_dsn(deployment.fleet.database_name)) as conn:
         env = conn.execute(
-            "SELECT health, agent_version, observed_revision, observed_state "
+            "SELECT health, agent_version, observed_reports, observed_state "
             "FROM environments WHERE customer_id = 'acme' AND environment_id = 'prod'"
         ).fetchone()
         seqs = [

@@ -2,7 +2,7 @@
 
 - lost: an accepted event id with no event record;
 - duplicated: an effect applied more than once; observed-state reports are counted
-  in ``environments.observed_revision``, so a report applied twice shows there;
+  in ``environments.observed_reports``, so a report applied twice shows there;
 - out of order: within one agent, records whose sequence numbers do not rise with
   the partition offset, or events the controller had to reject as stale.
 """
@@ -56,7 +56,7 @@ def check(ledger: Ledger, dsn: str) -> Report:
         revisions = {
             (c, e): r
             for c, e, r in conn.execute(
-                "SELECT customer_id, environment_id, observed_revision FROM environments"
+                "SELECT customer_id, environment_id, observed_reports FROM environments"
             )
         }
     recorded_keys = {(c, a, e) for c, a, e, *_ in records}
