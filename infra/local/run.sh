@@ -29,7 +29,8 @@ stop_everything() {
     rm -f "$PID_DIR/run.pid"
 }
 trap stop_everything EXIT
-trap 'exit 130' INT TERM
+# A stop asked for (Ctrl-C, make stop) is a normal end, not a failure.
+trap 'exit 0' INT TERM
 echo $$ >"$PID_DIR/run.pid"
 
 bash "$HERE/setup.sh"
