@@ -32,7 +32,11 @@ async def test_desired_state_reaches_a_waiting_long_poll_and_converges(
 ) -> None:
     deployment.start_apis()
     deployment.start_controller()
-    operator = OperatorClient(deployment.fleet.stack.pki_dir, deployment.operator_key("acme"))
+    operator = OperatorClient(
+        deployment.fleet.stack.pki_dir,
+        deployment.operator_key("acme"),
+        deployment.fleet.stack.operator_url,
+    )
     agent: AgentClient = agents("acme", "prod", "agent-1")
     running = [{"kind": "deployment", "name": "web", "version": "1.0.0"}]
     assert (await agent.post_events([agent.heartbeat(), agent.observed(running)]))[0] == 202
@@ -124,7 +128,11 @@ async def test_silent_agent_becomes_unknown_then_lost(
         {"FLEETPLANE_API_LIVENESS_CONNECTED_S": "2", "FLEETPLANE_API_LIVENESS_LOST_S": "5"}
     )
     deployment.start_controller()
-    operator = OperatorClient(deployment.fleet.stack.pki_dir, deployment.operator_key(None))
+    operator = OperatorClient(
+        deployment.fleet.stack.pki_dir,
+        deployment.operator_key(None),
+        deployment.fleet.stack.operator_url,
+    )
     agent: AgentClient = agents("acme", "prod", "agent-1")
     assert (await agent.post_events([agent.heartbeat()]))[0] == 202
 
@@ -144,8 +152,9 @@ async def test_tenants_and_roles_are_isolated(deployment: Deployment, agents: Ag
     deployment.start_apis()
     deployment.start_controller()
     pki = deployment.fleet.stack.pki_dir
-    acme_ops = OperatorClient(pki, deployment.operator_key("acme"))
-    globex_ops = OperatorClient(pki, deployment.operator_key("globex"))
+    url = deployment.fleet.stack.operator_url
+    acme_ops = OperatorClient(pki, deployment.operator_key("acme"), url)
+    globex_ops = OperatorClient(pki, deployment.operator_key("globex"), url)
 
     # An operator key scoped to one customer can neither change nor read another.
     status, body = await acme_ops.set_desired("globex", "prod", 1, [WEB])
@@ -157,7 +166,7 @@ async def test_tenants_and_roles_are_isolated(deployment: Deployment, agents: Ag
     assert status == 202
 
     # No key, or a made-up one: refused.
-    anonymous = OperatorClient(pki, "fpk_000000000000_" + "x" * 43)
+    anonymous = OperatorClient(pki, "fpk_000000000000_" + "x" * 43, url)
     assert (await anonymous.environments("acme"))[0] == 401
 
     # An agent certificate cannot reach operator routes through the agent listener.

@@ -11,8 +11,6 @@ from services.shared.topics import delete_topics, ensure_topics
 from tests.support.processes import ServiceProcess
 from tests.support.stack import FleetEnv, clone_database, drop_database
 
-CONTROLLER_BASE_PORT = 18091
-
 
 class Deployment:
     """Owns every process it starts; ``close`` stops them and drops the test's data."""
@@ -22,7 +20,7 @@ class Deployment:
         self.log_dir = log_dir
         self.apis: dict[int, ServiceProcess] = {}
         self.controllers: dict[str, ServiceProcess] = {}
-        self._next_controller_port = CONTROLLER_BASE_PORT
+        self._next_controller_port = fleet.stack.controller_base_port
 
     def create(self) -> Deployment:
         clone_database(self.fleet.stack, self.fleet.database_name)

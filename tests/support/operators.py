@@ -8,11 +8,9 @@ from typing import Any
 
 import aiohttp
 
-OPERATOR_URL = "https://127.0.0.1:18444"
-
 
 class OperatorClient:
-    def __init__(self, pki_dir: Path, key: str, base_url: str = OPERATOR_URL) -> None:
+    def __init__(self, pki_dir: Path, key: str, base_url: str) -> None:
         self._context = ssl.create_default_context(cafile=str(pki_dir / "root-ca.pem"))
         self._headers = {"Authorization": f"Bearer {key}"}
         self._base = base_url

@@ -28,8 +28,13 @@ class Stack:
     run_dir: Path = Path(os.environ.get("FLEETPLANE_RUN_DIR", ROOT / ".run"))
     kafka_bootstrap: str = os.environ.get("FLEETPLANE_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
-    edge_url: str = "https://127.0.0.1:18443"
-    api_ports: tuple[int, ...] = (18081, 18082)
+    # The same variables as infra/local/lib.sh, so tests can run on a second stack.
+    edge_url: str = f"https://127.0.0.1:{os.environ.get('FLEETPLANE_EDGE_PORT', '18443')}"
+    operator_url: str = f"https://127.0.0.1:{os.environ.get('FLEETPLANE_OPERATOR_PORT', '18444')}"
+    api_ports: tuple[int, ...] = tuple(
+        int(p) for p in os.environ.get("FLEETPLANE_API_PORTS", "18081 18082").split()
+    )
+    controller_base_port: int = int(os.environ.get("FLEETPLANE_TEST_CONTROLLER_BASE_PORT", "18091"))
 
     @property
     def pki_dir(self) -> Path:
