@@ -12,6 +12,8 @@ from typing import Any
 import psycopg
 from aiokafka import AIOKafkaProducer
 
+from bench.simulator.state import AgentState, Decision
+from services.shared.commands import Command
 from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment
 from tests.support.operators import OperatorClient
@@ -186,3 +188,59 @@ async def test_tenants_and_roles_are_isolated(deployment: Deployment, agents: Ag
     await eventually(lambda: poll(globex_prod), lambda c: len(c) == 1, what="globex/prod command")
     assert await poll(globex_dev) == []
     assert await poll(agent) == []
+
+
+async def test_agent_ignores_a_command_from_an_older_epoch(
+    deployment: Deployment, agents: AgentFactory
+) -> None:
+    """The agent's rule, on commands delivered by the real long-poll.
+
+    A command of an older epoch can only come from a controller that lost the
+    partition; the fence keeps such writes out, and the agent's rule is the
+    second line. The old-epoch row is written here directly, as a zombie would
+    have written it had the fence not stopped it.
+    """
+    deployment.start_apis()
+    first = deployment.start_controller("first")
+    operator = OperatorClient(
+        deployment.fleet.stack.pki_dir,
+        deployment.operator_key("acme"),
+        deployment.fleet.stack.operator_url,
+    )
+    agent: AgentClient = agents("acme", "prod", "agent-1")
+    state = AgentState()
+
+    assert (await operator.set_desired("acme", "prod", 1, [WEB]))[0] == 202
+    _, reply = await agent.poll_commands(20)
+    (old,) = [Command.model_validate(c) for c in reply["commands"]]
+    assert state.admit(old) is Decision.APPLY
+
+    # A new owner takes the partition (new epoch) and issues the next revision.
+    deployment.start_controller("second")
+    first.stop()
+    assert (await operator.set_desired("acme", "prod", 2, [{**WEB, "version": "3.0.0"}]))[0] == 202
+
+    async def newer() -> list[Command]:
+        _, body = await agent.poll_commands(5)
+        return [Command.model_validate(c) for c in body["commands"] if c["id"] != old.id]
+
+    (current,) = await eventually(newer, lambda cs: len(cs) == 1, what="next revision's command")
+    assert current.epoch > old.epoch
+    assert state.admit(current) is Decision.APPLY
+
+    (partition,) = rows(deployment, "SELECT partition FROM commands WHERE id = %s", current.id)[0]
+    zombie_row = rows(
+        deployment,
+        "INSERT INTO commands (customer_id, environment_id, epoch, revision, action, "
+        "resource_kind, resource_name, version, partition, attempts, deadline_at) "
+        "VALUES ('acme', 'prod', %s, 2, 'create', 'job', 'rogue', '6.6.6', %s, 1, "
+        "now() + interval '1 hour') RETURNING id",
+        old.epoch,
+        partition,
+    )
+    _, body = await agent.poll_commands(0)
+    offered = {c["id"]: Command.model_validate(c) for c in body["commands"]}
+    rogue = offered[zombie_row[0][0]]
+    assert rogue.epoch < current.epoch
+    assert state.admit(rogue) is Decision.STALE_EPOCH
+    assert ("job", "rogue") not in state.resources
