@@ -255,21 +255,7 @@ async def get_audit(request: web.Request) -> web.Response:
     )
     with database_errors(request, "audit lookup"):
         rows = await request.app[REPOSITORY].audit(customer_id, limit=limit)
-    entries = [
-        AuditEntry(
-            change_id=r.change_id,
-            environment_id=r.environment_id,
-            operator=r.operator,
-            action=r.action,
-            revision=r.revision,
-            outcome=r.outcome,
-            reason=r.reason,
-            request_id=r.request_id,
-            accepted_at=r.accepted_at,
-            applied_at=r.applied_at,
-        )
-        for r in rows
-    ]
+    entries = [AuditEntry.model_validate(r, from_attributes=True) for r in rows]
     return _json(AuditReply(entries=entries))
 
 

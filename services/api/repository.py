@@ -283,38 +283,12 @@ class SqlFleetRepository:
     async def environments(self, customer_id: str) -> list[EnvironmentRow]:
         async with self.engine.connect() as connection:
             rows = (await connection.execute(environments_query(customer_id))).all()
-        return [
-            EnvironmentRow(
-                environment_id=r.environment_id,
-                last_heartbeat_at=r.last_heartbeat_at,
-                agent_version=r.agent_version,
-                health=r.health,
-                desired_revision=r.desired_revision,
-                observed_revision=r.observed_revision,
-                pending_commands=r.pending_commands,
-                agents=r.agents,
-            )
-            for r in rows
-        ]
+        return [EnvironmentRow(**r._mapping) for r in rows]
 
     async def audit(self, customer_id: str, *, limit: int) -> list[AuditRow]:
         async with self.engine.connect() as connection:
             rows = (await connection.execute(audit_query(customer_id, limit))).all()
-        return [
-            AuditRow(
-                change_id=r.change_id,
-                environment_id=r.environment_id,
-                operator=r.operator,
-                action=r.action,
-                revision=r.revision,
-                outcome=r.outcome,
-                reason=r.reason,
-                request_id=r.request_id,
-                accepted_at=r.accepted_at,
-                applied_at=r.applied_at,
-            )
-            for r in rows
-        ]
+        return [AuditRow(**r._mapping) for r in rows]
 
     async def operator_key(self, key_id: str) -> StoredOperatorKey | None:
         async with self.engine.connect() as connection:
