@@ -5,10 +5,19 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PG_DIR="$RUN_DIR/postgres"
+# The server runs as the postgres user, who cannot reach a run folder below a
+# private parent (a checkout under /root, say). Then the data lives in a folder
+# of its own, named after the run folder so two checkouts never share one.
+if ((EUID == 0)) && ! runuser -u postgres -- test -x "$RUN_DIR" 2>/dev/null; then
+    PG_DIR="/var/tmp/fleetplane-postgres-$(printf '%s' "$RUN_DIR" | sha256sum | cut -c1-12)"
+    PG_OUTSIDE_RUN_DIR=1
+fi
 DATA_DIR="$PG_DIR/data"
 SOCKET_DIR="$PG_DIR/socket"
 PIDFILE="$PID_DIR/postgres.pid"
 LOGFILE="$LOG_DIR/postgres.log"
+# The server writes its log itself, as the postgres user.
+[[ -n "${PG_OUTSIDE_RUN_DIR:-}" ]] && LOGFILE="$PG_DIR/postgres.log"
 PATTERN="postgres -D $DATA_DIR"
 
 # initdb and pg_ctl refuse to run as root, so root runs them as the postgres user.
