@@ -92,6 +92,9 @@ def new_producer(settings: ApiSettings) -> AIOKafkaProducer:
         linger_ms=5,
         request_timeout_ms=timeout_ms,
         retry_backoff_ms=100,
+        # aiokafka's default is 5 minutes: that long after partitions are added, a
+        # producer would still send a moving customer to its old partition.
+        metadata_max_age_ms=int(settings.producer_metadata_max_age_s * 1000),
     )
 
 

@@ -59,6 +59,10 @@ class ApiSettings(BaseSettings):
     """Subject CN of the edge's client certificate: the only peer whose identity headers count."""
     produce_timeout_s: float = Field(default=4.0, gt=0, le=4.5)
     """Longest wait for Kafka to acknowledge a batch; below 5 s so a 503 comes within 5 s."""
+    producer_metadata_max_age_s: float = Field(default=10.0, gt=0, le=300)
+    """How often the producer refreshes topic metadata, so the longest it keeps
+    producing with an old partition count after partitions were added; the
+    drain-then-add procedure keeps intake paused this long (docs/runbooks/partitions.md)."""
     retry_after_s: int = Field(default=2, ge=1, le=3600)
     """``Retry-After`` sent with 503 answers."""
     startup_timeout_s: float = Field(default=60.0, gt=0)

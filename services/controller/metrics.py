@@ -20,3 +20,5 @@ class ControllerMetrics:
         self.rebalances = m.counter(self.registry, m.CONTROLLER_REBALANCES)
         self.owned_partitions = m.gauge(self.registry, m.CONTROLLER_OWNED_PARTITIONS)
         self.resync_requests = m.counter(self.registry, m.CONTROLLER_RESYNC_REQUESTS)
+        self.partition_lag = m.gauge(self.registry, m.CONTROLLER_PARTITION_LAG)
+        self.records_pruned = m.counter(self.registry, m.CONTROLLER_RECORDS_PRUNED)

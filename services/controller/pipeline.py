@@ -14,10 +14,15 @@ Two kinds of failure, as in every stream processor worth copying:
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -52,11 +57,14 @@ from services.controller.store import (
     reconcile_environments,
     write_plan,
 )
+from services.shared import metrics as m
 
 logger = logging.getLogger(__name__)
 
 Seek = Callable[[int, int], Awaitable[None]]
 """Seek the consumer's position of a partition (partition, offset)."""
+LogStart = Callable[[int], Awaitable[int]]
+"""The log-start offset of a partition: the oldest record Kafka still has."""
 
 
 class DeadLetterSink(Protocol):
@@ -72,14 +80,28 @@ class Ownerships:
     """
 
     def __init__(
-        self, engine: AsyncEngine, topic: str, owner: str, metrics: ControllerMetrics
+        self,
+        engine: AsyncEngine,
+        topic: str,
+        owner: str,
+        metrics: ControllerMetrics,
+        *,
+        max_backoff_s: float = 5.0,
     ) -> None:
         self._engine = engine
         self._topic = topic
         self._owner = owner
         self._metrics = metrics
+        self._max_backoff_s = max_backoff_s
         self._claims: dict[int, Claim] = {}
+        # faust can seek (and so claim) from its recovery and its fetcher at once;
+        # two claims racing would each take an epoch and the later one would fence
+        # the batches of the earlier.
+        self._claiming = asyncio.Lock()
         self.refused: dict[int, str] = {}
+        """Partitions assigned to us that we will not apply, with the reason (``/readyz``)."""
+        # Registered here rather than in ControllerMetrics: only Ownerships sets it.
+        self._refused_gauge = m.gauge(metrics.registry, m.CONTROLLER_REFUSED_PARTITIONS)
 
     @property
     def topic(self) -> str:
@@ -101,40 +123,96 @@ class Ownerships:
         were deleted before they were applied, and starting later would lose them
         silently.
         """
-        wanted = [p for p in partitions if p not in self._claims]
-        if wanted:
-            async with self._engine.begin() as conn:
-                for partition in sorted(wanted):
-                    claim = await take_epoch(conn, self._topic, partition, self._owner)
-                    start = log_start.get(partition, 0)
-                    if claim.next_offset == 0 and start > 0:
-                        claim = replace(claim, next_offset=start)
-                    elif claim.next_offset < start:
-                        reason = (
-                            f"stored offset {claim.next_offset} of {self._topic}[{partition}] is "
-                            f"below the log start {start}: records were deleted before they "
-                            "were applied; restore them or reset the offset deliberately"
-                        )
-                        logger.error("refusing partition: %s", reason)
-                        self.refused[partition] = reason
-                        continue
-                    self._claims[partition] = claim
-                    self.refused.pop(partition, None)
-                    logger.info(
-                        "claimed %s[%d] with epoch %d at offset %d",
-                        self._topic,
-                        partition,
-                        claim.epoch,
-                        claim.next_offset,
-                    )
-        self._metrics.owned_partitions.set(len(self._claims))
+        partitions = list(partitions)
+        async with self._claiming:
+            # Back-pressure, as for batches: a claim is retried while PostgreSQL is
+            # unavailable (the rollback undid every epoch of the failed attempt). faust
+            # cancels this wait when the group rebalances again.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_is_transient),
+                wait=wait_exponential_jitter(initial=0.1, max=self._max_backoff_s),
+                before_sleep=self._on_retry,
+                reraise=True,
+            ):
+                with attempt:
+                    await self._claim_missing(partitions, log_start)
+        self._update_gauges()
         return {p: c for p, c in self._claims.items() if p in set(partitions)}
+
+    async def _claim_missing(self, partitions: list[int], log_start: Mapping[int, int]) -> None:
+        wanted = [p for p in partitions if p not in self._claims]
+        if not wanted:
+            return
+        claimed: dict[int, Claim] = {}
+        refused: dict[int, tuple[int, int]] = {}
+        async with self._engine.begin() as conn:
+            for partition in sorted(wanted):
+                claim = await take_epoch(conn, self._topic, partition, self._owner)
+                start = log_start.get(partition, 0)
+                if claim.next_offset == 0 and start > 0:
+                    claim = replace(claim, next_offset=start)
+                elif claim.next_offset < start:
+                    refused[partition] = (claim.next_offset, start)
+                    continue
+                claimed[partition] = claim
+        # Only once committed: a claim rolled back (and retried) held nothing.
+        for partition, (next_offset, start) in refused.items():
+            self._refuse(partition, next_offset, start)
+        for partition, claim in claimed.items():
+            self._claims[partition] = claim
+            self.refused.pop(partition, None)
+            logger.info(
+                "claimed %s[%d] with epoch %d at offset %d",
+                self._topic,
+                partition,
+                claim.epoch,
+                claim.next_offset,
+            )
+
+    def _on_retry(self, state: RetryCallState) -> None:
+        self._metrics.database_retries.inc()
+        error = state.outcome.exception() if state.outcome else None
+        logger.warning("database unavailable (%s); retrying the claim of partitions", error)
+
+    def refuse(self, partition: int, log_start: int) -> None:
+        """Stop applying a held partition whose next record Kafka has deleted meanwhile.
+
+        The partition stays assigned to this controller, so no other one skips the
+        gap either; it waits, counted in the refused metric, for an operator.
+        """
+        claim = self._claims.pop(partition, None)
+        if claim is not None:
+            self._refuse(partition, claim.next_offset, log_start)
+        self._update_gauges()
+
+    def _refuse(self, partition: int, next_offset: int, log_start: int) -> None:
+        reason = (
+            f"stored offset {next_offset} of {self._topic}[{partition}] is "
+            f"below the log start {log_start}: records were deleted before they "
+            "were applied; restore them or reset the offset deliberately"
+        )
+        logger.error("refusing partition: %s", reason)
+        self.refused[partition] = reason
 
     def release(self, partitions: Iterable[int]) -> None:
         for partition in partitions:
             self._claims.pop(partition, None)
             self.refused.pop(partition, None)
+        self._update_gauges()
+
+    def release_claim(self, claim: Claim) -> None:
+        """Forget ``claim`` (fenced), unless the partition was claimed again since.
+
+        A batch prepared before a rebalance can be fenced by this controller's own
+        newer epoch for the same partition; that newer claim must stay.
+        """
+        held = self._claims.get(claim.partition)
+        if held is not None and held.epoch == claim.epoch:
+            self.release([claim.partition])
+
+    def _update_gauges(self) -> None:
         self._metrics.owned_partitions.set(len(self._claims))
+        self._refused_gauge.set(len(self.refused))
 
     def advance(self, partition: int, next_offset: int) -> None:
         claim = self._claims.get(partition)
@@ -149,6 +227,8 @@ class _PartitionWork:
     """Records consumed, poison included."""
     decoded: list[Decoded | DecodedChange]
     next_offset: int
+    gap_after: bool = False
+    """The batch held later records of this partition, past a gap (see _contiguous_run)."""
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -171,6 +251,8 @@ class Applier:
         *,
         max_backoff_s: float = 5.0,
         ack_timeout_s: float = 30.0,
+        log_start: LogStart | None = None,
+        test_pause_file: Path | None = None,
     ) -> None:
         self._engine = engine
         self._ownerships = ownerships
@@ -179,6 +261,30 @@ class Applier:
         self._metrics = metrics
         self._max_backoff_s = max_backoff_s
         self._ack_timeout_s = ack_timeout_s
+        self._log_start = log_start
+        self._test_pause_file = test_pause_file
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Apply no new batch; wait for the one in flight. False if it outlasted ``timeout_s``.
+
+        Called when the controller stops, before it leaves the consumer group: the
+        batch being applied commits rather than being cancelled halfway (which
+        would roll it back and leave its records for the next owner to apply again).
+        """
+        self._closing = True
+        if self._idle.is_set():
+            logger.info("stopping: no batch in flight")
+            return True
+        logger.info("stopping: finishing the batch in flight")
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        logger.info("stopping: the batch in flight is finished")
+        return True
 
     async def apply(self, delivered: Sequence[Delivered]) -> None:
         """Apply a consumed batch in one transaction, each partition in offset order.
@@ -188,6 +294,15 @@ class Applier:
         partition's fence is checked inside the transaction; if one fails, the
         whole transaction rolls back and is retried without that partition.
         """
+        if self._closing:
+            return  # stopping: the stored offset tells the next owner where to start
+        self._idle.clear()
+        try:
+            await self._apply(delivered)
+        finally:
+            self._idle.set()
+
+    async def _apply(self, delivered: Sequence[Delivered]) -> None:
         by_partition: dict[int, list[Delivered]] = {}
         for record in delivered:
             by_partition.setdefault(record.partition, []).append(record)
@@ -203,7 +318,26 @@ class Applier:
             except FencedError as fenced:
                 self._fenced(work.pop(fenced.partition))
                 continue
+            except Exception as e:
+                # Back-pressure ends when a partition being retried changes hands
+                # (see _apply_with_retry); its records are the new owner's now.
+                moved = [p for p, w in work.items() if self._ownerships.get(p) != w.claim]
+                if not _is_transient(e) or not moved:
+                    raise
+                for partition in moved:
+                    lost = work.pop(partition)
+                    logger.warning(
+                        "%s[%d] changed hands while the database was unavailable; "
+                        "left %d records to the new owner",
+                        lost.claim.topic,
+                        partition,
+                        lost.records,
+                    )
+                continue
             self._record(work, plans, time.perf_counter() - started)
+            for partition, item in sorted(work.items()):
+                if item.gap_after:
+                    await self._resume_at(partition, item.next_offset)
             return
 
     async def _prepare(self, partition: int, records: list[Delivered]) -> _PartitionWork | None:
@@ -213,10 +347,13 @@ class Applier:
             return None  # no longer ours: the new owner applies these
         run = self._contiguous_run(claim, records)
         if run is None:
-            await self._seek(partition, claim.next_offset)
+            await self._resume_at(partition, claim.next_offset)
             return None
         if not run:
             return None
+        # Records past a gap are not applied now; the consumer has already moved
+        # beyond them, so after this run it must be sent back (see _resume_at).
+        gap_after = any(r.offset > run[-1].offset for r in records)
         decoded: list[Decoded | DecodedChange] = []
         for record in run:
             result = decode(record)
@@ -233,7 +370,21 @@ class Applier:
                 )
             else:
                 decoded.append(result)
-        return _PartitionWork(claim, len(run), decoded, run[-1].offset + 1)
+        return _PartitionWork(claim, len(run), decoded, run[-1].offset + 1, gap_after)
+
+    async def _resume_at(self, partition: int, next_offset: int) -> None:
+        """Make the consumer deliver ``partition`` again from ``next_offset``, our stored offset.
+
+        Unless Kafka no longer has that record: a position below the log start is
+        reset to the log start (auto_offset_reset), so seeking back would loop, and
+        going on would skip records never applied. The partition is refused instead.
+        """
+        if self._log_start is not None:
+            start = await self._log_start(partition)
+            if start > next_offset:
+                self._ownerships.refuse(partition, start)
+                return
+        await self._seek(partition, next_offset)
 
     async def _apply_with_retry(self, work: dict[int, _PartitionWork]) -> dict[int, Plan]:
         claims = {p: w.claim for p, w in work.items()}
@@ -252,7 +403,7 @@ class Applier:
     def _fenced(self, lost: _PartitionWork) -> None:
         claim = lost.claim
         self._metrics.fenced_writes.inc()
-        self._ownerships.release([claim.partition])
+        self._ownerships.release_claim(claim)
         logger.warning(
             "fenced: epoch %d of %s[%d] was superseded; dropped %d records for the new owner",
             claim.epoch,
@@ -284,7 +435,9 @@ class Applier:
 
         Records below the stored offset were applied already (redelivery). Our topics
         are written without transactions, so their offsets have no gaps; a gap means
-        records from before a seek, and the consumer must go back (returns None).
+        records from before a seek, or records Kafka deleted meanwhile. A gap before
+        the first record returns None; one after the run ends it (the caller then
+        sends the consumer back, or refuses the partition: ``_resume_at``).
         """
         fresh = [r for r in records if r.offset >= claim.next_offset]
         skipped = len(records) - len(fresh)
@@ -324,9 +477,48 @@ class Applier:
                         partition=partition,
                         ack_timeout_s=self._ack_timeout_s,
                     )
-                await advance_fenced(conn, claim, item.next_offset)
                 plans[partition] = plan
+            if self._test_pause_file is not None:
+                self._hold_for_test(self._test_pause_file, work, plans)
+            # Every fence after every effect: an ownership row is locked only from
+            # its fence to the commit, so a controller paused while writing effects
+            # holds no ownership row, and a new owner can take the partition over.
+            # Sorted, so two controllers lock ownership rows in the same order.
+            for _partition, item in sorted(work.items()):
+                await advance_fenced(conn, item.claim, item.next_offset)
         return plans
+
+    def _hold_for_test(
+        self, armed: Path, work: dict[int, _PartitionWork], plans: dict[int, Plan]
+    ) -> None:
+        """Test hook (``test_pause_file``): become a zombie holding this transaction open.
+
+        Fires once per arming (the test creates ``armed``), only on a transaction
+        that wrote event records, so the test knows which effects must not survive.
+        Stops the whole process, heartbeat thread included, as SIGSTOP from outside
+        would, but at a known point: effects written, fence not yet checked.
+        """
+        if not any(plan.outcomes for plan in plans.values()) or not armed.exists():
+            return
+        armed.unlink()
+        holding = {
+            "pid": os.getpid(),
+            "partitions": {
+                str(partition): {
+                    "epoch": item.claim.epoch,
+                    "next_offset": item.next_offset,
+                    "event_ids": [o.decoded.record.event.id for o in plans[partition].outcomes],
+                }
+                for partition, item in work.items()
+            },
+        }
+        marker = armed.with_name(armed.name + ".holding")
+        partial = marker.with_name(marker.name + ".partial")
+        partial.write_text(json.dumps(holding))
+        partial.rename(marker)  # the test never reads a half-written file
+        logger.warning("test pause file: stopping with an open transaction (%s)", marker)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        logger.warning("test pause file: continued")
 
     def _on_retry(self, state: RetryCallState) -> None:
         self._metrics.database_retries.inc()
@@ -373,7 +565,7 @@ class CommandTimer:
                     )
             except FencedError:
                 self._metrics.fenced_writes.inc()
-                self._ownerships.release([partition])
+                self._ownerships.release_claim(claim)
                 continue
             except Exception as e:
                 if not _is_transient(e):

@@ -32,9 +32,38 @@ class ControllerSettings(BaseSettings):
     """Most records applied in one PostgreSQL transaction."""
     batch_within_s: float = Field(default=0.05, gt=0, le=5)
     """How long to wait for a batch to fill before applying what has arrived."""
-    session_timeout_s: float = Field(default=6.0, ge=1, le=300)
-    """Consumer-group session timeout: how long a silent controller keeps its partitions."""
-    heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
+    session_timeout_s: float = Field(default=3.0, ge=1, le=300)
+    """Consumer-group session timeout: how long a silent controller keeps its partitions.
+
+    The detection part of a kill -9 failover. Heartbeats come from faust's consumer
+    thread, not the event loop that applies batches, so a busy controller keeps
+    heartbeating; 3 s still leaves a loaded 2-core machine six heartbeats of slack
+    before a false failover. The broker must allow it (``group.min.session.timeout.ms``,
+    default 6 s; the native stack sets 1 s).
+    """
+    heartbeat_interval_s: float = Field(default=0.5, gt=0, le=60)
+    """Also how soon the other members hear of a rebalance (the coordinator answers a
+    heartbeat with REBALANCE_IN_PROGRESS), so it bounds the graceful handover too."""
+    rebalance_timeout_s: float = Field(default=10.0, ge=1, le=300)
+    """How long the coordinator waits for every live member to rejoin a rebalance.
+
+    Nothing is applied anywhere while a rebalance waits, so faust's 60 s default
+    would let one slow member stall the group for a minute; a member slower than
+    this is dropped and rejoins with a rebalance of its own.
+    """
+    idle_in_transaction_timeout_s: float = Field(default=2.0, gt=0, le=300)
+    """PostgreSQL ends a controller session idle inside a transaction this long.
+
+    A paused controller (a "zombie") keeps its open apply transaction and the row
+    locks of the effects written so far, which would hold the new owner back until
+    the zombie wakes. Kept below ``session_timeout_s``: a pause long enough to lose
+    the partitions has already lost the transaction, so a zombie never delays a
+    failover. Our transactions run statement after statement, so a healthy
+    controller is never idle this long; if it were, the batch is retried.
+    """
+    shutdown_drain_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    """On SIGTERM, how long the batch being applied may take to finish before the
+    controller leaves the group anyway (the cut transaction rolls back)."""
     retry_max_backoff_s: float = Field(default=5.0, gt=0, le=60)
     """Cap on the pause between attempts while PostgreSQL is unavailable."""
     command_ack_timeout_s: float = Field(default=30.0, gt=0, le=3600)
@@ -44,7 +73,24 @@ class ControllerSettings(BaseSettings):
     command_timer_interval_s: float = Field(default=1.0, gt=0, le=60)
     startup_timeout_s: float = Field(default=60.0, gt=0)
     """How long to wait for Kafka and PostgreSQL at start before giving up."""
+    test_pause_file: Path | None = None
+    """TEST ONLY; leave unset in every deployment. When set and this file exists, the
+    next apply transaction that has written effects removes it, writes what it holds
+    to ``<file>.holding`` and stops the whole process with SIGSTOP before its fence
+    statement: a zombie with an open transaction, for tests/chaos."""
     data_dir: Path = Path(".run/controller")
     """faust's working folder (no tables are kept there)."""
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    # --- retention (docs/controller-ops.md) ---
+    record_retention_s: float = Field(default=14 * 24 * 3600, gt=0)
+    """How long event records (the deduplication keys) are kept after they were applied.
+
+    Must be longer than the events topic's retention (Kafka's default: 7 days): a record
+    still in Kafka can be read again (an offset reset, a replay), and once its key is
+    pruned it would apply a second time. The controller refuses to start otherwise.
+    """
+    prune_interval_s: float = Field(default=60.0, gt=0, le=3600)
+    """How often each controller prunes expired event records of the partitions it owns."""
+    prune_chunk_rows: int = Field(default=5000, ge=1, le=100_000)
+    """Most rows deleted per pruning transaction, so no prune holds locks for long."""

@@ -136,6 +136,27 @@ CONTROLLER_RESYNC_REQUESTS: Final = MetricSpec(
     "Full-state resyncs requested from agents, by reason (new_boot, sequence_gap).",
     ("reason",),
 )
+CONTROLLER_PARTITION_LAG: Final = MetricSpec(
+    "fleetplane_controller_partition_lag",
+    "gauge",
+    "records",
+    "Records of an owned partition not applied yet: the consumer's highwater minus the "
+    "stored next offset, by partition. Only the owner exports a partition.",
+    ("partition",),
+)
+CONTROLLER_RECORDS_PRUNED: Final = MetricSpec(
+    "fleetplane_controller_records_pruned_total",
+    "counter",
+    "records",
+    "Event records (deduplication keys) pruned from owned partitions after the retention window.",
+)
+CONTROLLER_REFUSED_PARTITIONS: Final = MetricSpec(
+    "fleetplane_controller_refused_partitions",
+    "gauge",
+    "partitions",
+    "Partitions assigned to this controller that it refuses to apply because their "
+    "stored offset is below Kafka's log start (records deleted before they were applied).",
+)
 
 ALL_METRICS: Final = (
     API_REQUESTS,
@@ -154,6 +175,9 @@ ALL_METRICS: Final = (
     CONTROLLER_REBALANCES,
     CONTROLLER_OWNED_PARTITIONS,
     CONTROLLER_RESYNC_REQUESTS,
+    CONTROLLER_PARTITION_LAG,
+    CONTROLLER_RECORDS_PRUNED,
+    CONTROLLER_REFUSED_PARTITIONS,
 )
 
 

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import sys
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from services.shared.settings import KafkaSettings
@@ -59,6 +59,31 @@ async def delete_topics(bootstrap: str, names: list[str]) -> None:
     await admin.start()
     try:
         await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+async def add_partitions(bootstrap: str, topic: str, total: int, timeout_s: float = 30.0) -> int:
+    """Grow ``topic`` to ``total`` partitions; return the count once every broker reports it.
+
+    Only ever called by the drain-then-add procedure (services.controller.partitions):
+    new partitions move customers, see docs/runbooks/partitions.md.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        await admin.create_partitions({topic: NewPartitions(total_count=total)})
+        # The controller answers once the partitions exist; metadata reaches the
+        # brokers (and so producers) a moment later.
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            described = await admin.describe_topics([topic])
+            partitions = described[0]["partitions"]
+            if len(partitions) >= total and all(p["leader"] >= 0 for p in partitions):
+                return len(partitions)
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{topic} still shows {len(partitions)} partitions")
+            await asyncio.sleep(0.2)
     finally:
         await admin.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from pathlib import Path
 
@@ -63,8 +64,14 @@ class Deployment:
         )
 
     def start_controller(
-        self, name: str | None = None, *, wait_ready: bool = True
+        self,
+        name: str | None = None,
+        *,
+        wait_ready: bool = True,
+        extra_env: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> ServiceProcess:
+        """Start a controller and wait until ready (or healthy), or not at all (``wait=False``)."""
         name = name or f"controller-{len(self.controllers) + 1}"
         port = self._next_controller_port
         self._next_controller_port += 1
@@ -77,12 +84,15 @@ class Deployment:
                 str(port),
                 "--instance-id",
                 f"{self.fleet.name}-{name}",
+                # e.g. debug, to see aiokafka's and faust's side of a failing test.
+                "--loglevel",
+                os.environ.get("FLEETPLANE_TEST_CONTROLLER_LOGLEVEL", "info"),
             ],
-            env=self.fleet.service_env(),
+            env={**self.fleet.service_env(), **(extra_env or {})},
             health_url=f"http://127.0.0.1:{port}/healthz",
             log_path=self.log_dir / f"{name}.log",
         )
-        process.start(ready_path="/readyz" if wait_ready else None)
+        process.start(ready_path="/readyz" if wait_ready else None, wait=wait)
         self.controllers[name] = process
         return process
 

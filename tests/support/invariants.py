@@ -3,8 +3,14 @@
 - lost: an accepted event id with no event record;
 - duplicated: an effect applied more than once; observed-state reports are counted
   in ``environments.observed_reports``, so a report applied twice shows there;
-- out of order: within one agent, records whose sequence numbers do not rise with
-  the partition offset, or events the controller had to reject as stale.
+- out of order: within one agent, records whose sequence numbers do not rise in
+  the order they were applied, or events the controller had to reject as stale.
+
+"The order they were applied" is the apply transaction's start (``applied_at``),
+then partition and offset: one customer's records share a partition, where that
+is offset order; after partitions were added, a customer's older records are in
+its old partition and its newer ones in another, and only the time tells which
+were applied first.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def check(ledger: Ledger, dsn: str) -> Report:
     with psycopg.connect(dsn) as conn:
         records = conn.execute(
             'SELECT customer_id, agent_id, event_id, seq, boot_id, status, reason, "offset" '
-            'FROM event_records ORDER BY customer_id, agent_id, "offset"'
+            'FROM event_records ORDER BY customer_id, agent_id, applied_at, partition, "offset"'
         ).fetchall()
         revisions = {
             (c, e): r

@@ -27,10 +27,16 @@ class ServiceProcess:
     log_path: Path
     ssl_context: ssl.SSLContext | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    log_offset: int = field(default=0, init=False)
+    """Where this run's output starts in ``log_path`` (logs of earlier runs are kept)."""
 
-    def start(self, *, wait_s: float = 60.0, ready_path: str | None = None) -> ServiceProcess:
+    def start(
+        self, *, wait_s: float = 60.0, ready_path: str | None = None, wait: bool = True
+    ) -> ServiceProcess:
+        """Spawn the process and wait (unless ``wait`` is false) until it answers its health URL."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        self.log_offset = log.tell()
         self.process = subprocess.Popen(
             [sys.executable, *self.args],
             cwd=ROOT,
@@ -40,6 +46,8 @@ class ServiceProcess:
             start_new_session=True,
         )
         log.close()
+        if not wait:
+            return self
         url = (
             self.health_url
             if ready_path is None
@@ -100,6 +108,15 @@ class ServiceProcess:
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
+
+    def log_text(self) -> str:
+        """What this process has logged so far (not earlier runs of the same name)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self.log_offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def tail(self, lines: int = 40) -> str:
         try:

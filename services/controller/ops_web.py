@@ -1,0 +1,119 @@
+"""The ops pieces a running controller serves: ``/status``, the lag gauge, the pruner.
+
+Registered on the faust app by ``register_ops`` (called from ``app.create_app``);
+the logic lives in ``ops.py`` and ``retention.py``, which know nothing of faust.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import faust
+from faust.types import TP
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.controller.metrics import ControllerMetrics
+from services.controller.ops import CustomerPartitions, collect_status, read_log_offsets
+from services.controller.ownership import Claim
+from services.controller.pipeline import Ownerships
+from services.controller.retention import RecordPruner
+from services.controller.settings import ControllerSettings
+
+logger = logging.getLogger(__name__)
+
+LAG_INTERVAL_S = 1.0
+"""How often the lag gauge is refreshed: from memory only, so it costs nothing."""
+
+
+def update_lag(
+    metrics: ControllerMetrics,
+    held: Mapping[int, Claim],
+    highwater: Callable[[int], int | None],
+    exported: set[int],
+) -> set[int]:
+    """Set the lag gauge of every held partition; drop partitions no longer held.
+
+    ``highwater(p)`` is the log end the consumer last fetched (None before any
+    fetch). Only the owner exports a partition, so summing over controllers never
+    counts one twice. Returns the partitions now exported.
+    """
+    now: set[int] = set()
+    for partition, claim in held.items():
+        end = highwater(partition)
+        if end is None:
+            continue
+        metrics.partition_lag.labels(str(partition)).set(max(end - claim.next_offset, 0))
+        now.add(partition)
+    for gone in exported - now:
+        metrics.partition_lag.remove(str(gone))
+    return now
+
+
+def register_ops(
+    app: faust.App,
+    settings: ControllerSettings,
+    *,
+    engine: AsyncEngine,
+    ownerships: Ownerships,
+    metrics: ControllerMetrics,
+) -> None:
+    kafka = settings.kafka
+    customers = CustomerPartitions()
+
+    @app.page("/status")
+    async def status(web: Any, request: Any) -> Any:
+        customer = request.query.get("customer") or None
+        try:
+            offsets = await read_log_offsets(kafka.kafka_bootstrap, kafka.events_topic)
+            async with engine.connect() as conn:
+                report = await collect_status(
+                    conn,
+                    kafka.events_topic,
+                    offsets,
+                    customer=customer,
+                    customer_partitions=customers,
+                )
+        except Exception as e:
+            logger.warning("status: %s", e, exc_info=True)
+            return web.json({"error": f"{e.__class__.__name__}: {e}"}, status=503)
+        body = report.to_json()
+        # What this controller believes it holds; the table above is what the fence
+        # enforces, so a difference shows a rebalance in flight or a zombie.
+        body["instance"] = {
+            "id": settings.instance_id,
+            "group": settings.group_id,
+            "held": {
+                str(p): {"epoch": c.epoch, "next_offset": c.next_offset}
+                for p, c in sorted(ownerships.held().items())
+            },
+            "refused": {str(p): why for p, why in ownerships.refused.items()},
+        }
+        return web.json(body)
+
+    exported: set[int] = set()
+
+    def highwater(partition: int) -> int | None:
+        try:
+            end = app.consumer.highwater(TP(kafka.events_topic, partition))
+        except Exception:  # consumer not started or partition not assigned yet
+            return None
+        return None if end is None else int(end)
+
+    @app.timer(interval=LAG_INTERVAL_S, name="partition-lag")  # type: ignore[untyped-decorator]  # faust leaves timer untyped
+    async def refresh_lag() -> None:
+        nonlocal exported
+        exported = update_lag(metrics, ownerships.held(), highwater, exported)
+
+    pruner = RecordPruner(
+        engine,
+        ownerships,
+        metrics,
+        retention_s=settings.record_retention_s,
+        chunk_rows=settings.prune_chunk_rows,
+    )
+
+    @app.timer(interval=settings.prune_interval_s, name="prune-event-records")  # type: ignore[untyped-decorator]  # faust leaves timer untyped
+    async def prune_event_records() -> None:
+        await pruner.tick()
