@@ -10,4 +10,6 @@ run=/tmp/edge
 mkdir -p "$run/logs" "$run/temp"
 ln -sf /dev/stderr "$run/logs/error.log"
 ln -sf /dev/stdout "$run/logs/access.log"
+# The ModSecurity audit log (one JSON line per WAF refusal) goes with the access log.
+ln -sf /dev/stdout "$run/logs/modsec_audit.log"
 exec nginx -e stderr -c /etc/fleetplane/edge.conf -g 'daemon off;'

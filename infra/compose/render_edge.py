@@ -49,6 +49,18 @@ VALUES: Final = {
     "API_SERVERS": "\n".join(
         f"        server {host}:{port} max_fails=1 fail_timeout=2s;" for host, port in API_UPSTREAMS
     ),
+    # The edge limits: infra/local/lib.sh's defaults.
+    "AGENT_RATE": "10",
+    "AGENT_BURST": "40",
+    "AGENT_CONN": "8",
+    "OPERATOR_RATE": "20",
+    "OPERATOR_BURST": "40",
+    "OPERATOR_CONN": "16",
+    "EDGE_CONN": "3000",
+    # The owasp/modsecurity-crs image keeps the CRS (4.x) in /opt/owasp-crs, with
+    # crs-setup.conf made from the example at build time; Debian's paths differ.
+    "CRS_SETUP": "/opt/owasp-crs/crs-setup.conf",
+    "CRS_RULES": "/opt/owasp-crs/rules",
 }
 
 HEADER: Final = (

@@ -155,3 +155,23 @@ export FLEETPLANE_DATABASE_PORT="$PG_PORT" FLEETPLANE_DATABASE_NAME="$PG_DB"
 export FLEETPLANE_DATABASE_USER="$PG_USER" FLEETPLANE_DATABASE_PASSWORD="$PG_PASSWORD"
 export FLEETPLANE_PKI_DIR="$PKI_DIR"
 export FLEETPLANE_CONTROLLER_DATA_DIR="${FLEETPLANE_CONTROLLER_DATA_DIR:-$RUN_DIR/controller}"
+
+# Edge limits (infra/nginx/edge.conf.template). Per agent identity: sustained
+# requests/s, the burst above it, and requests in flight (a long poll counts
+# while it waits). Operators: the same per client address. EDGE_CONN bounds the
+# requests in flight on the whole edge.
+EDGE_AGENT_RATE="${FLEETPLANE_EDGE_AGENT_RATE:-10}"
+EDGE_AGENT_BURST="${FLEETPLANE_EDGE_AGENT_BURST:-40}"
+EDGE_AGENT_CONN="${FLEETPLANE_EDGE_AGENT_CONN:-8}"
+EDGE_OPERATOR_RATE="${FLEETPLANE_EDGE_OPERATOR_RATE:-20}"
+EDGE_OPERATOR_BURST="${FLEETPLANE_EDGE_OPERATOR_BURST:-40}"
+EDGE_OPERATOR_CONN="${FLEETPLANE_EDGE_OPERATOR_CONN:-16}"
+EDGE_CONN="${FLEETPLANE_EDGE_CONN:-3000}"
+# The OWASP CRS as Debian's modsecurity-crs package installs it.
+CRS_SETUP="${FLEETPLANE_CRS_SETUP:-/etc/modsecurity/crs/crs-setup.conf}"
+CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"
+# First of three ports for the extra nginx instances that tests and benchmarks
+# start and stop themselves (bench/tools.py EdgeProbe: the edge template's agent
+# and operator listeners, and a no-op upstream): the GoTestWAF probe and
+# `make bench ONLY=edge`.
+EDGE_PROBE_BASE_PORT="${FLEETPLANE_EDGE_PROBE_BASE_PORT:-18450}"

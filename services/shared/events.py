@@ -26,7 +26,12 @@ BootId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 Sequence = Annotated[int, Field(ge=0, le=2**53)]
 Epoch = Annotated[int, Field(ge=0, le=2**62)]
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
-ResourceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")]
+# Slash-separated segments that each start with a letter or digit, so no segment
+# is "." or "..": the agent WAF does not read bodies, the schema is the defence.
+ResourceName = Annotated[
+    str,
+    Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*$", max_length=128),
+]
 ResourceKind = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 Version = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")]
 AgentVersion = Annotated[
