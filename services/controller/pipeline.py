@@ -316,7 +316,22 @@ class Applier:
             try:
                 plans = await self._apply_with_retry(work)
             except FencedError as fenced:
-                self._fenced(work.pop(fenced.partition))
+                lost = work.pop(fenced.partition)
+                self._fenced(lost)
+                again = self._ownerships.get(fenced.partition)
+                if again is not None and again.next_offset == lost.claim.next_offset:
+                    # Fenced by our own newer claim: the partition came back to us in
+                    # a rebalance while this batch was prepared, and nothing was applied
+                    # in between. The records are ours to apply under the new epoch;
+                    # dropping them would make the consumer go back for them.
+                    work[fenced.partition] = replace(lost, claim=again)
+                    logger.info(
+                        "the current owner of %s[%d] is this controller (epoch %d): "
+                        "applying them now",
+                        again.topic,
+                        again.partition,
+                        again.epoch,
+                    )
                 continue
             except Exception as e:
                 # Back-pressure ends when a partition being retried changes hands
@@ -405,7 +420,7 @@ class Applier:
         self._metrics.fenced_writes.inc()
         self._ownerships.release_claim(claim)
         logger.warning(
-            "fenced: epoch %d of %s[%d] was superseded; dropped %d records for the new owner",
+            "fenced: epoch %d of %s[%d] was superseded; its %d records are the current owner's",
             claim.epoch,
             claim.topic,
             claim.partition,

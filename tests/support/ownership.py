@@ -267,7 +267,8 @@ async def wait_settled(
 
     ``processes`` maps names (as given to Deployment.start_controller) to processes.
     Every partition must be owned by one of them with the epoch that controller
-    holds, so no batch prepared before the last rebalance is still about.
+    holds, so no batch prepared before the last rebalance is still about, and each
+    of them must hold one at least (else one may not have joined yet).
     """
 
     async def views() -> tuple[dict[int, Owner], dict[int, tuple[str, int]]]:
@@ -281,8 +282,11 @@ async def wait_settled(
 
     def settled(found: tuple[dict[int, Owner], dict[int, tuple[str, int]]]) -> bool:
         rows, held = found
-        return len(rows) == deployment.fleet.partitions and all(
-            held.get(p) == (r.owner, r.epoch) for p, r in rows.items()
+        owners = {owner for owner, _epoch in held.values()}
+        return (
+            len(rows) == deployment.fleet.partitions
+            and all(held.get(p) == (r.owner, r.epoch) for p, r in rows.items())
+            and owners == {instance_id(deployment, name) for name in processes}
         )
 
     rows, _ = await eventually(views, settled, timeout_s=timeout_s, what="the group settled")

@@ -1,0 +1,56 @@
+"""What the chaos tests share: a busy fleet, the end-of-test check, the zombie hook's files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.support import ownership as own
+from tests.support.deployment import Deployment
+from tests.support.invariants import Ledger, check
+from tests.support.load import SteadyLoad, wait_all_applied
+from tests.support.waiting import eventually
+
+AgentFactory = Any
+"""The ``agents`` fixture: ``agents(customer, environment, agent)`` makes a connected agent."""
+
+
+def fleet(agents: AgentFactory, partitions: int, per_partition: int = 2) -> list[Any]:
+    """One agent per customer, ``per_partition`` customers on every partition."""
+    return [agents(c, "prod", "agent-1") for c in own.customers_covering(partitions, per_partition)]
+
+
+async def finish(deployment: Deployment, load: SteadyLoad, ledger: Ledger) -> None:
+    """Stop the load, wait until everything accepted is applied, run the invariant checker."""
+    await load.stop()
+    await wait_all_applied(deployment, ledger, timeout_s=60)
+    report = check(ledger, own.dsn(deployment))
+    assert report.ok, report
+    assert report.accepted == len(ledger) > 0
+
+
+async def wait_file(path: Path, timeout_s: float) -> dict[str, Any]:
+    """Wait for the JSON file the pause hook writes, and read it."""
+
+    def read_now() -> str | None:
+        return path.read_text() if path.exists() else None
+
+    async def read() -> str | None:
+        return await asyncio.to_thread(read_now)
+
+    text = await eventually(
+        read, lambda t: t is not None, timeout_s=timeout_s, interval_s=0.05, what=f"{path}"
+    )
+    assert text is not None
+    holding: dict[str, Any] = json.loads(text)
+    return holding
+
+
+def zombie_env(pause_file: Path, idle_timeout_s: float | None = None) -> dict[str, str]:
+    """Controller environment arming the test-only hook ``ControllerSettings.test_pause_file``."""
+    env = {"FLEETPLANE_CONTROLLER_TEST_PAUSE_FILE": str(pause_file)}
+    if idle_timeout_s is not None:
+        env["FLEETPLANE_CONTROLLER_IDLE_IN_TRANSACTION_TIMEOUT_S"] = str(idle_timeout_s)
+    return env
