@@ -14,7 +14,6 @@ import os
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from bench.tools import vegeta
 from services.gateway_auth.pki import load_issuing_ca, write_agent_certificate
 from tests.support.deployment import Deployment
+from tests.support.records import encode, heartbeat_record
 from tests.support.stack import FleetEnv, Stack, prepare_template
 
 APPLY_EVENTS = 60_000
@@ -31,26 +31,6 @@ APPLY_CUSTOMERS = 200
 ACCEPT_DURATION_S = 15
 ACCEPT_WORKERS = 32
 RUNS = 3
-
-
-def _record(customer: int, seq: int) -> bytes:
-    return json.dumps(
-        {
-            "schema_version": 1,
-            "kind": "agent_event",
-            "customer_id": f"cust-{customer}",
-            "environment_id": "prod",
-            "agent_id": "agent-1",
-            "accepted_at": datetime.now(UTC).isoformat(),
-            "event": {
-                "id": f"ev-{customer}-{seq}",
-                "boot_id": "boot-1",
-                "seq": seq,
-                "type": "heartbeat",
-                "payload": {"agent_version": "1.4.2", "health": "ok", "message": ""},
-            },
-        }
-    ).encode()
 
 
 async def _prefill(deployment: Deployment) -> None:
@@ -66,7 +46,7 @@ async def _prefill(deployment: Deployment) -> None:
                 pending.append(
                     await producer.send(
                         deployment.fleet.events_topic,
-                        _record(customer, seq),
+                        encode(heartbeat_record(f"cust-{customer}", f"ev-{customer}-{seq}", seq)),
                         key=f"cust-{customer}".encode(),
                     )
                 )

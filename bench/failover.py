@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import signal
 import statistics
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -42,6 +40,7 @@ from services.controller.settings import ControllerSettings
 from tests.support.deployment import Deployment
 from tests.support.invariants import Ledger, check
 from tests.support.processes import ServiceProcess
+from tests.support.records import encode, heartbeat_record
 from tests.support.stack import FleetEnv, Stack, prepare_template
 
 RUNS = 5
@@ -110,10 +109,10 @@ class SteadyProducer:
                 for _ in range(due - sent):
                     customer = next(turn)
                     seqs[customer] += 1
-                    event = self._event(customer, seqs[customer])
-                    future = await producer.send(
-                        self._topic, json.dumps(event).encode(), key=customer.encode()
+                    event = heartbeat_record(
+                        customer, f"{customer}-{seqs[customer]}", seqs[customer]
                     )
+                    future = await producer.send(self._topic, encode(event), key=customer.encode())
                     batch.append((future, customer, event["event"]))
                 sent = due
                 for future, customer, body in batch:
@@ -125,24 +124,6 @@ class SteadyProducer:
             raise
         finally:
             await producer.stop()
-
-    @staticmethod
-    def _event(customer: str, seq: int) -> dict[str, Any]:
-        return {
-            "schema_version": 1,
-            "kind": "agent_event",
-            "customer_id": customer,
-            "environment_id": "prod",
-            "agent_id": "agent-1",
-            "accepted_at": datetime.now(UTC).isoformat(),
-            "event": {
-                "id": f"{customer}-{seq}",
-                "boot_id": "boot-1",
-                "seq": seq,
-                "type": "heartbeat",
-                "payload": {"agent_version": "1.4.2", "health": "ok", "message": ""},
-            },
-        }
 
 
 Ownership = dict[int, tuple[str, int]]

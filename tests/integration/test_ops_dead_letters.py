@@ -6,15 +6,14 @@ import asyncio
 import json
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.controller.dead_letters import REPLAY_EDITED_HEADER, REPLAY_OF_HEADER
 from tests.support.deployment import Deployment
+from tests.support.records import encode, heartbeat_record
 from tests.support.stack import ROOT
 from tests.support.waiting import eventually
 
@@ -30,24 +29,6 @@ def tool(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]
         timeout=60,
         check=False,
     )
-
-
-def event(event_id: str, seq: int, version: str, agent: str = "agent-1") -> dict[str, Any]:
-    return {
-        "schema_version": 1,
-        "kind": "agent_event",
-        "customer_id": "acme",
-        "environment_id": "prod",
-        "agent_id": agent,
-        "accepted_at": datetime.now(UTC).isoformat(),
-        "event": {
-            "id": event_id,
-            "boot_id": "boot-1",
-            "seq": seq,
-            "type": "heartbeat",
-            "payload": {"agent_version": version, "health": "ok"},
-        },
-    }
 
 
 async def produce(deployment: Deployment, values: list[bytes]) -> list[tuple[int, int]]:
@@ -99,14 +80,15 @@ async def test_a_poison_record_is_inspected_then_replayed_fixed_and_applied(
 ) -> None:
     deployment.start_controller()
     dsn = deployment.fleet.stack.admin_dsn(deployment.fleet.database_name)
-    broken = event("ev-broken", 1, "1.0", agent="agent-2")  # the API would refuse "1.0"
+    broken = heartbeat_record("acme", "ev-broken", 1, agent="agent-2")
+    broken["event"]["payload"]["agent_version"] = "1.0"  # the API would refuse it
     sent = await produce(
         deployment,
         [
-            json.dumps(event("ev-1", 1, "1.4.2")).encode(),
-            json.dumps(broken).encode(),
+            encode(heartbeat_record("acme", "ev-1", 1)),
+            encode(broken),
             b"not json \x00",
-            json.dumps(event("ev-2", 2, "1.4.2")).encode(),
+            encode(heartbeat_record("acme", "ev-2", 2)),
         ],
     )
     await eventually(

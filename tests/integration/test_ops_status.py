@@ -9,7 +9,6 @@ import subprocess
 import sys
 import urllib.request
 from collections import Counter
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -17,31 +16,12 @@ from aiokafka import AIOKafkaProducer
 
 from tests.support.deployment import Deployment
 from tests.support.processes import ServiceProcess
+from tests.support.records import encode, heartbeat_record
 from tests.support.stack import ROOT
 from tests.support.waiting import eventually
 
 CUSTOMERS = 12
 EVENTS_EACH = 5
-
-
-def heartbeat(customer: int, seq: int) -> bytes:
-    return json.dumps(
-        {
-            "schema_version": 1,
-            "kind": "agent_event",
-            "customer_id": f"cust-{customer}",
-            "environment_id": "prod",
-            "agent_id": "agent-1",
-            "accepted_at": datetime.now(UTC).isoformat(),
-            "event": {
-                "id": f"ev-{customer}-{seq}",
-                "boot_id": "boot-1",
-                "seq": seq,
-                "type": "heartbeat",
-                "payload": {"agent_version": "1.4.2", "health": "ok"},
-            },
-        }
-    ).encode()
 
 
 def status(deployment: Deployment, *args: str) -> dict[str, Any]:
@@ -105,7 +85,7 @@ async def produce(deployment: Deployment, first_seq: int, count: int) -> dict[st
             for customer in range(CUSTOMERS):
                 meta = await producer.send_and_wait(
                     deployment.fleet.events_topic,
-                    heartbeat(customer, seq),
+                    encode(heartbeat_record(f"cust-{customer}", f"ev-{customer}-{seq}", seq)),
                     key=f"cust-{customer}".encode(),
                 )
                 placed[f"cust-{customer}"] = meta.partition
