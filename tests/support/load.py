@@ -57,7 +57,7 @@ class SteadyLoad:
         self.pause_s = pause_s
         self.batches = 0
         self.refusals = 0
-        """Answers 503 (back-pressure), retried."""
+        """Answers 503 (back-pressure) or 429 (rate limit), retried."""
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -84,9 +84,12 @@ class SteadyLoad:
                         agent.customer_id, agent.environment_id, agent.agent_id, events
                     )
                     break
-                assert status == 503, body  # back-pressure: retry the same batch
+                # Back-pressure (503) or the edge's per-agent rate limit (429, which a
+                # fast steady load on an idle machine can reach): retry the same
+                # batch later, as agents do.
+                assert status in (429, 503), body
                 self.refusals += 1
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2 if status == 503 else 1.0)
             self.batches += 1
             await asyncio.sleep(self.pause_s)
 
