@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a controller's /metrics URL (repeatable); applied/s then comes from "
         f"fleetplane_controller_events_applied_total instead of the 1-in-{SAMPLE_EVERY} samples",
     )
+    add(
+        "--controller-status",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a controller's /status URL (repeatable; the first that answers is used): "
+        "shows which controller owns which partition, with lag and events/s",
+    )
     add("--report", type=Path, help="write the final report as JSON here")
     add("--no-live", action="store_true", help="plain progress lines instead of the live screen")
     add("--seed", type=int, help="seed for jitter, delays and failures (ids stay unique)")
@@ -132,6 +140,7 @@ def config_from_args(args: argparse.Namespace, *, tty: bool) -> SimConfig:
         live=tty and not args.no_live,
         seed=args.seed,
         controller_metrics=tuple(args.controller_metrics),
+        controller_status=tuple(args.controller_status),
     )
 
 

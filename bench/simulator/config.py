@@ -31,6 +31,7 @@ class SimConfig:
     live: bool = True
     seed: int | None = None
     controller_metrics: tuple[str, ...] = field(default_factory=tuple)
+    controller_status: tuple[str, ...] = field(default_factory=tuple)
 
     def identities(self) -> Iterator[AgentIdentity]:
         """Yield one identity per agent: ``cust-<i>/env-<j>/agent-<k>``.

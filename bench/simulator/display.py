@@ -43,6 +43,22 @@ def render(snapshot: dict[str, Any], title: str) -> list[str]:
         "errors    "
         + ("none" if not errors else "   ".join(f"{k}={v}" for k, v in errors.items())),
     ]
+    return lines + ownership_lines(snapshot.get("ownership"))
+
+
+def ownership_lines(ownership: dict[str, Any] | None) -> list[str]:
+    """Which controller owns which partition (from /status), one line per owner."""
+    if ownership is None:
+        return []
+    lines = ["", f"ownership (controllers' /status)   total lag {ownership['total_lag']}"]
+    for owner, held in ownership["owners"].items():
+        partitions = ",".join(str(p) for p in held["partitions"])
+        lines.append(
+            f"  {owner:<28} partitions {partitions:<20} lag {held['lag']:<6} "
+            f"{_num(held['events_per_s'], ' ev/s')}"
+        )
+    if ownership["unowned"]:
+        lines.append(f"  unowned partitions {','.join(map(str, ownership['unowned']))}")
     return lines
 
 
@@ -57,8 +73,14 @@ def progress_line(snapshot: dict[str, Any]) -> str:
         f"post_p99={_ms(ev['post_latency_ms']['p99'])} "
         f"apply_p99={_ms(ap['accept_to_applied_ms']['p99'])} "
         f"commands={cm['delivered']}/{cm['applied']}/{cm['stale_epoch_ignored']} "
-        f"retries={ev['retries']} errors={errors}"
+        f"retries={ev['retries']} errors={errors}" + _ownership_brief(snapshot.get("ownership"))
     )
+
+
+def _ownership_brief(ownership: dict[str, Any] | None) -> str:
+    if ownership is None:
+        return ""
+    return f" owners={len(ownership['owners'])} lag={ownership['total_lag']}"
 
 
 class RecentLog(logging.Handler):

@@ -17,7 +17,8 @@ from typing import Any, Final, TextIO
 
 from bench.simulator.agent import SimAgent
 from bench.simulator.config import SimConfig
-from bench.simulator.display import CLEAR, RecentLog, progress_line, render
+from bench.simulator.display import CLEAR, RecentLog, ownership_lines, progress_line, render
+from bench.simulator.ownership import partitions_by_owner, status_loop
 from bench.simulator.scrape import scrape_loop
 from bench.simulator.stats import Stats
 from bench.simulator.transport import HttpTransport, agent_ssl_context
@@ -94,6 +95,7 @@ async def _show(
     live: bool,
     recent: RecentLog | None,
 ) -> None:
+    shown_owners: dict[str, list[int]] | None = None
     while True:
         await asyncio.sleep(LIVE_EVERY_S if live else PROGRESS_EVERY_S)
         snapshot = stats.snapshot(clock(), recent=True)
@@ -104,6 +106,12 @@ async def _show(
             out.write(CLEAR + "\n".join(lines) + "\n\n(Ctrl-C to stop)\n")
         else:
             out.write(progress_line(snapshot) + "\n")
+            # Plain output shows the ownership again whenever it changed hands.
+            ownership = snapshot["ownership"]
+            owners = None if ownership is None else partitions_by_owner(ownership)
+            if owners is not None and owners != shown_owners:
+                out.write("\n".join(ownership_lines(ownership)[1:]) + "\n")
+                shown_owners = owners
         out.flush()
 
 
@@ -131,17 +139,25 @@ async def run(
             # A signal during issuance leaves fewer contexts than identities: zip stops there.
             for identity, transport in zip(config.identities(), transports, strict=False)
         ]
-        scrape_transport = HttpTransport("", None) if config.controller_metrics else None
+        scrape_transport = (
+            HttpTransport("", None)
+            if config.controller_metrics or config.controller_status
+            else None
+        )
         tasks: list[asyncio.Task[None]] = [
             # Spread the starts so N agents do not all handshake in the same instant.
             asyncio.create_task(_after(config.ramp_s * n / max(len(agents), 1), agent.run()))
             for n, agent in enumerate(agents)
         ]
-        if scrape_transport is not None:
+        if scrape_transport is not None and config.controller_metrics:
             tasks.append(
                 asyncio.create_task(
                     scrape_loop(config.controller_metrics, scrape_transport, stats, clock=clock)
                 )
+            )
+        if scrape_transport is not None and config.controller_status:
+            tasks.append(
+                asyncio.create_task(status_loop(config.controller_status, scrape_transport, stats))
             )
         tasks.append(asyncio.create_task(_show(stats, clock, out, config.live, recent)))
         try:

@@ -172,6 +172,8 @@ class Stats:
         self.commands: Counter[str] = Counter()
         self.newest_epoch: int | None = None
         self.errors: Counter[str] = Counter()
+        self.ownership: dict[str, Any] | None = None
+        """The last partition ownership read from a controller's /status."""
         self.accepted_rate.start(started)
         self.sample_done_rate.start(started)
 
@@ -258,6 +260,7 @@ class Stats:
                 "newest_epoch": self.newest_epoch,
             },
             "errors": dict(sorted(self.errors.items())),
+            "ownership": self.ownership,
         }
 
 

@@ -41,8 +41,10 @@ bash "$HERE/services.sh" start
 
 KEY="$("$VENV_PYTHON" -m services.gateway_auth.operator_keys create --name make-run --all-customers)"
 metrics_args=()
+status_args=()
 for port in $CONTROLLER_PORTS; do
     metrics_args+=(--controller-metrics "http://127.0.0.1:$port/metrics")
+    status_args+=(--controller-status "http://127.0.0.1:$port/status")
 done
 
 cat <<INFO
@@ -51,11 +53,12 @@ Fleetplane is running (everything on 127.0.0.1):
   agent edge (mTLS)   https://127.0.0.1:$EDGE_PORT        certificates in $PKI_DIR
   operator edge       https://127.0.0.1:$OPERATOR_PORT        key: $KEY
   API instances       $(for p in $API_PORTS; do printf 'https://127.0.0.1:%s ' "$p"; done)
-  controllers         $(for p in $CONTROLLER_PORTS; do printf 'http://127.0.0.1:%s/readyz ' "$p"; done)
+  controllers         $(for p in $CONTROLLER_PORTS; do printf 'http://127.0.0.1:%s/status ' "$p"; done)
   Kafka               127.0.0.1:$KAFKA_PORT        PostgreSQL 127.0.0.1:$PG_PORT
   logs                $LOG_DIR
 Try: curl -s --cacert $PKI_DIR/root-ca.pem -H "Authorization: Bearer $KEY" \\
        https://127.0.0.1:$OPERATOR_PORT/v1/operator/customers/cust-0/environments
+Ops view: .venv/bin/python -m services.controller status --watch   (partitions, owners, lag)
 INFO
 
 FLEETPLANE_OPERATOR_KEY="$KEY" bash "$HERE/demo.sh" start "$CUSTOMERS"
@@ -63,6 +66,7 @@ say "simulating $AGENTS agents of $CUSTOMERS customers${DURATION:+ for ${DURATIO
 # In the background so that the traps run at once on Ctrl-C or `make stop`
 # (bash runs a trap only after a foreground child returns).
 "$VENV_PYTHON" -m bench.simulator --agents "$AGENTS" --customers "$CUSTOMERS" \
+    "${status_args[@]}" \
     --edge-url "https://127.0.0.1:$EDGE_PORT" --pki-dir "$PKI_DIR" \
     --report "$RUN_DIR/simulator-report.json" \
     ${DURATION:+--duration "$DURATION"} "${metrics_args[@]}" </dev/null &

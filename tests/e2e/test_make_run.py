@@ -8,6 +8,7 @@ folder, exactly as a developer would start it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 import psycopg
 import pytest
@@ -77,6 +79,18 @@ def run_env() -> Iterator[dict[str, str]]:
     subprocess.run(["make", "stop"], cwd=ROOT, env=env, capture_output=True, timeout=120)
 
 
+OWNER_LINE: Final = re.compile(r"^\s+(\S+)\s+partitions ([\d,]+)\s+lag \d+", re.MULTILINE)
+
+
+def shown_ownership(output: str) -> dict[str, list[int]]:
+    """The last ownership block make run printed: owner -> partitions."""
+    block = output.rpartition("ownership (controllers' /status)")[2].split("\nt=")[0]
+    return {
+        owner: [int(p) for p in partitions.split(",")]
+        for owner, partitions in OWNER_LINE.findall(block)
+    }
+
+
 def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
     log_path = Path(run_env["FLEETPLANE_RUN_DIR"]).with_suffix(".log")
     with log_path.open("wb") as log:
@@ -105,7 +119,8 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
                     ).fetchone()[0]  # type: ignore[index]
             except psycopg.Error:
                 pass  # not up yet
-            if applied > 50 and succeeded > 0:
+            shown = shown_ownership(log_path.read_text(errors="replace"))
+            if applied > 50 and succeeded > 0 and len(shown) == 2:
                 break
             time.sleep(2)
         output = log_path.read_text(errors="replace")
@@ -113,6 +128,10 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
         assert applied > 50, f"only {applied} events applied:\n{output[-3000:]}"
         assert succeeded > 0, f"no command succeeded:\n{output[-3000:]}"
         assert "Fleetplane is running" in output
+        # The live ownership view: both controllers, every partition owned once.
+        shown = shown_ownership(output)
+        assert len(shown) == 2, f"ownership shown: {shown}\n{output[-3000:]}"
+        assert sorted(p for held in shown.values() for p in held) == list(range(12)), shown
     finally:
         stop = subprocess.run(
             ["make", "stop"], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=180
