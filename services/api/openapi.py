@@ -139,8 +139,10 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Report events",
         "Accepts a batch of heartbeats, observed-state reports and command results. "
         "202 only after Kafka acknowledged every event; on 503 retry the same batch "
-        "with the same event ids (the controller deduplicates). Identity comes from "
-        "the client certificate only, never from the body.",
+        "with the same event ids (the controller deduplicates). Event ids must be "
+        "unique within a batch (a rule JSON Schema cannot state): a batch that repeats "
+        "one is refused whole with 422. Identity comes from the client certificate "
+        "only, never from the body.",
         "agent",
         202,
         EventsAccepted,

@@ -14,17 +14,30 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
 
 from services.shared.identity import ID_PATTERN
 
 MAX_EVENTS_PER_BATCH: Final = 500
 MAX_RESOURCES_PER_REPORT: Final = 1000
 
+
+def _whole_number(value: object) -> object:
+    """2.0 as 2: JSON does not tell them apart, and JSON Schema's ``integer`` (what the
+    OpenAPI document promises) accepts both, but a strict int field refuses a float."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber: Final = BeforeValidator(_whole_number)
+"""On every integer field of a request contract, after its Field (a constraint placed
+after a validator is left out of the JSON schema as an unknown keyword)."""
+
 EventId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 BootId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
-Sequence = Annotated[int, Field(ge=0, le=2**53)]
-Epoch = Annotated[int, Field(ge=0, le=2**62)]
+Sequence = Annotated[int, Field(ge=0, le=2**53), WholeNumber]
+Epoch = Annotated[int, Field(ge=0, le=2**62), WholeNumber]
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 # Slash-separated segments that each start with a letter or digit, so no segment
 # is "." or "..": the agent WAF does not read bodies, the schema is the defence.
@@ -62,7 +75,7 @@ class ObservedStatePayload(_Strict):
 
 
 class CommandResultPayload(_Strict):
-    command_id: Annotated[int, Field(ge=1, le=2**62)]
+    command_id: Annotated[int, Field(ge=1, le=2**62), WholeNumber]
     epoch: Epoch
     outcome: Literal["succeeded", "failed"]
     message: FreeText = ""
@@ -135,7 +148,7 @@ class DesiredState(_Strict):
     revision is not above the environment's current one (stale or replayed).
     """
 
-    revision: Annotated[int, Field(ge=1, le=2**53)]
+    revision: Annotated[int, Field(ge=1, le=2**53), WholeNumber]
     resources: Annotated[list[DesiredResource], Field(max_length=MAX_RESOURCES_PER_REPORT)]
 
     @model_validator(mode="after")

@@ -241,7 +241,7 @@ async def test_desired_state_when_kafka_is_down_is_503_and_dropped() -> None:
         (b"[", MalformedRequest, None),
         (b'{"revision": 1}', ValidationFailed, "resources"),
         (b'{"revision": 1, "resources": [], "extra": 1}', ValidationFailed, "extra"),
-        (b'{"revision": 1.0, "resources": []}', ValidationFailed, "revision"),
+        (b'{"revision": 1.5, "resources": []}', ValidationFailed, "revision"),
     ],
 )
 def test_desired_state_validation(body: bytes, problem: type[Exception], field: str | None) -> None:
