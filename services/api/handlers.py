@@ -15,7 +15,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from services.api.auth import (
+from services.shared.edge_auth import (
     SERIAL_HEADER,
     PeerCert,
     identity_from_request,
@@ -49,8 +49,8 @@ from services.api.operators import (
     OperatorKey,
     environment_views,
 )
-from services.api.params import path_id, query_int
-from services.api.problems import (
+from services.shared.params import path_id, query_int
+from services.shared.problems import (
     FieldError,
     PayloadTooLarge,
     Problem,

@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 
 from services.api.keys import METRICS, REQUEST_ID
 from services.api.logs import current_request_id
-from services.api.problems import (
+from services.shared.problems import (
     PROBLEM_CONTENT_TYPE,
     Problem,
     http_problem_body,

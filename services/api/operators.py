@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Protocol
 
-from services.api.auth import OperatorCredentials
+from services.shared.edge_auth import OperatorCredentials
 from services.api.models import EnvironmentView, Liveness
-from services.api.problems import NotFound, OperatorUnauthenticated
+from services.shared.problems import NotFound, OperatorUnauthenticated
 from services.api.repository import EnvironmentRow, StoredOperatorKey
 from services.shared.operator_keys import secret_matches
 

@@ -22,7 +22,7 @@ from opentelemetry import propagate, trace
 from pydantic import ValidationError
 
 from services.api.metrics import ApiMetrics
-from services.api.problems import (
+from services.shared.problems import (
     FieldError,
     MalformedRequest,
     PayloadTooLarge,

@@ -26,13 +26,15 @@ own customer's other environment; operator keys are scoped to a customer
 
 ``test_the_matrix_covers_every_route`` derives the routes from the services'
 own routers: a new route without a refusal row for each kind of caller, and a
-positive control, fails it. gateway_auth joins ``ROUTE_SOURCES`` with its own
-``setup_routes`` once it serves routes, and its rows are added here.
+positive control, fails it; gateway_auth's routes count as soon as it serves
+any (``route_sources``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import itertools
 import json
 import ssl
@@ -55,10 +57,22 @@ from tests.support.operators import OperatorClient
 from tests.support.stack import FleetEnv, Stack
 from tests.support.waiting import eventually
 
-ROUTE_SOURCES: dict[str, Callable[[web.Application], None]] = {
-    "api": api_routes.setup_routes,
-}
-"""Each service's route setup, as its app calls it; the matrix must cover all of them."""
+RouteSetup = Callable[[web.Application], None]
+GATEWAY_AUTH_ROUTES = "services.gateway_auth.handlers"
+
+
+def route_sources() -> dict[str, RouteSetup]:
+    """Each HTTP service's route setup, as its app calls it; the matrix covers them all.
+
+    gateway_auth is included as soon as it serves routes, so each of its routes
+    needs rows here from then on (its refusals and positive controls, like the
+    API's).
+    """
+    sources: dict[str, RouteSetup] = {"api": api_routes.setup_routes}
+    if importlib.util.find_spec(GATEWAY_AUTH_ROUTES) is not None:
+        sources["gateway_auth"] = importlib.import_module(GATEWAY_AUTH_ROUTES).setup_routes
+    return sources
+
 
 ALPHA, BRAVO, NOBODY = "iso-alpha", "iso-bravo", "iso-nobody"
 """NOBODY never existed: what a refusal must look like when the target does."""
@@ -84,7 +98,7 @@ Route = tuple[str, str, str]
 def served_routes() -> set[Route]:
     """Every route the services serve (HEAD, which aiohttp adds to each GET, aside)."""
     found: set[Route] = set()
-    for service, setup in ROUTE_SOURCES.items():
+    for service, setup in route_sources().items():
         app = web.Application()
         setup(app)
         for route in app.router.routes():
@@ -488,7 +502,8 @@ def test_the_matrix_covers_every_route() -> None:
     served = served_routes()
     covered = {row.route for row in ROWS}
     assert covered == served, (
-        f"routes without rows: {sorted(served - covered)}; rows for no route: "
+        f"routes without rows (add their refusals and positive controls to ROWS): "
+        f"{sorted(served - covered)}; rows for no route: "
         f"{sorted(covered - served)}"
     )
     for route in served:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.api.auth import (
+from services.shared.edge_auth import (
     OperatorCredentials,
     identity_from_request,
     is_edge,
     operator_credentials_from_request,
     peer_common_names,
 )
-from services.api.problems import Forbidden, OperatorUnauthenticated, Unauthenticated
+from services.shared.problems import Forbidden, OperatorUnauthenticated, Unauthenticated
 from services.shared.identity import AgentIdentity
 from services.shared.operator_keys import new_key
 

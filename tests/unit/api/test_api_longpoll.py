@@ -17,7 +17,7 @@ from services.api.longpoll import (
     parse_payload,
     parse_wait,
 )
-from services.api.problems import ValidationFailed
+from services.shared.problems import ValidationFailed
 from services.api.repository import PendingCommands
 from services.controller.store import COMMANDS_CHANNEL as CONTROLLER_CHANNEL
 from services.shared.commands import MAX_WAIT_S, Command, CommandResource

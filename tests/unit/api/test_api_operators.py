@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.api.auth import OperatorCredentials
+from services.shared.edge_auth import OperatorCredentials
 from services.api.operators import OperatorAuthenticator, OperatorKey, environment_views, liveness
-from services.api.problems import NotFound, OperatorUnauthenticated
+from services.shared.problems import NotFound, OperatorUnauthenticated
 from services.api.repository import EnvironmentRow, StoredOperatorKey
 from services.shared.operator_keys import NewKey, new_key
 

@@ -11,7 +11,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 
 from services.api.metrics import ApiMetrics
-from services.api.problems import (
+from services.shared.problems import (
     MalformedRequest,
     PayloadTooLarge,
     ServiceUnavailable,

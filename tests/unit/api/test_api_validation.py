@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.api.problems import (
+from services.shared.problems import (
     MAX_LISTED_ERRORS,
     FieldError,
     MalformedRequest,
