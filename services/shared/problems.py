@@ -1,4 +1,4 @@
-"""The API's error hierarchy and its RFC 9457 ``application/problem+json`` rendering.
+"""The services' error hierarchy and its RFC 9457 ``application/problem+json`` rendering.
 
 Code anywhere in the API raises a ``Problem`` subclass; the error middleware is
 the one place that turns it (or any other exception) into a response. Each class
@@ -84,6 +84,13 @@ class Forbidden(Problem):
     status = 403
     slug = "forbidden"
     title = "Forbidden"
+
+
+class CertificateRevoked(Forbidden):
+    """The client certificate was revoked (or its issuing CA retired) after the edge let it in."""
+
+    slug = "certificate-refused"
+    title = "Client certificate refused"
 
 
 class NotFound(Problem):
