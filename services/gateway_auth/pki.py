@@ -7,12 +7,19 @@ an agent:
 * agents:   root-ca -> issuing-ca -> agent certificates and the edge's server certificate
 * internal: internal-ca -> api-server (server) and edge-client (nginx's client certificate)
 
+The root's key lives only in the offline folder (by default ``pki-offline`` beside
+the PKI folder), which no running service reads: it is used to sign issuing CAs
+(``init``, ``rotate-issuing``) and nothing else. The PKI folder that services
+read holds the root's certificate but never its key.
+
 Keys are ECDSA P-256 and stored unencrypted (mode 0600): this is for laptops and
-tests, not for production, where the issuing CA key lives in a KMS.
+tests, not for production, where the issuing CA key lives in a KMS and the root
+key in an offline HSM.
 
 CLI::
 
-    python -m services.gateway_auth.pki init --dir .run/pki
+    python -m services.gateway_auth.pki init --dir .run/pki [--offline-dir .run/pki-offline]
+    python -m services.gateway_auth.pki rotate-issuing --dir .run/pki [--offline-dir DIR]
     python -m services.gateway_auth.pki issue-agent --dir .run/pki \\
         --customer acme --env prod --agent agent-1 [--days 1] [--out-dir DIR]
 """
@@ -35,6 +42,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.shared.identity import AgentIdentity
@@ -48,6 +56,8 @@ EDGE_CLIENT: Final = "edge-client"
 AGENT_CA_BUNDLE: Final = "agent-ca-bundle.pem"
 EDGE_SERVER_CHAIN: Final = "edge-server-chain.pem"
 EDGE_CLIENT_CN: Final = "fleetplane-edge"
+OFFLINE_DIR_NAME: Final = "pki-offline"
+RETIRED_DIR_NAME: Final = "retired"
 
 # RFC 5280 name constraints match a URI by its host, so this admits exactly the
 # spiffe://fleetplane/... names: the issuing CA cannot mint identities elsewhere.
@@ -209,7 +219,7 @@ class CertificateAuthority:
     def _builder(
         self,
         subject: x509.Name,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: CertificatePublicKeyTypes,
         valid_for: timedelta,
         not_before: datetime | None,
     ) -> x509.CertificateBuilder:
@@ -279,30 +289,57 @@ class CertificateAuthority:
         valid_for: timedelta = AGENT_VALIDITY,
         not_before: datetime | None = None,
     ) -> IssuedCertificate:
-        """An agent client certificate; raises ValueError for a malformed id.
+        """An agent client certificate with a new key; raises ValueError for a malformed id.
 
         The ids go into the subject (nginx can read it) and into a SPIFFE URI SAN
         (standard tooling reads that); `not_before` lets tests make expired ones.
         """
         identity = AgentIdentity(customer_id, environment_id, agent_id)
-        subject = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.customer_id),
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.environment_id),
-                x509.NameAttribute(NameOID.COMMON_NAME, identity.agent_id),
-            ]
+        key = _new_key()
+        certificate = self.sign_agent_key(
+            identity, key.public_key(), valid_for=valid_for, not_before=not_before
         )
-        return self.issue(
-            subject,
-            names=[x509.UniformResourceIdentifier(identity.spiffe_uri)],
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-            valid_for=valid_for,
-            not_before=not_before,
+        return IssuedCertificate(_cert_pem(certificate), _key_pem(key))
+
+    def sign_agent_key(
+        self,
+        identity: AgentIdentity,
+        public_key: CertificatePublicKeyTypes,
+        *,
+        valid_for: timedelta = AGENT_VALIDITY,
+        not_before: datetime | None = None,
+    ) -> x509.Certificate:
+        """An agent client certificate for a key the agent holds (from its checked CSR).
+
+        The certificate's content comes from ``identity`` and this policy only:
+        nothing else a CSR asked for is copied.
+        """
+        return (
+            self._builder(agent_subject(identity), public_key, valid_for, not_before)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_leaf_key_usage(), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.spiffe_uri)]),
+                critical=False,
+            )
+            .sign(self.private_key, hashes.SHA256())
         )
 
     def save(self, pki_dir: Path, name: str) -> None:
         _write(pki_dir / f"{name}.key", _key_pem(self.private_key), private=True)
         _write(pki_dir / f"{name}.pem", self.certificate_pem)
+
+
+def agent_subject(identity: AgentIdentity) -> x509.Name:
+    """The subject DN of an agent certificate: O=customer, OU=environment, CN=agent."""
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.customer_id),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.environment_id),
+            x509.NameAttribute(NameOID.COMMON_NAME, identity.agent_id),
+        ]
+    )
 
 
 ROOT_CA_NAME: Final = "Fleetplane Dev Root CA"
@@ -376,23 +413,75 @@ def _ensure_leaf(
     return cert_path.read_bytes()
 
 
-def init_pki(pki_dir: Path, *, force: bool = False) -> list[Path]:
+def _offline_dir(pki_dir: Path, offline_dir: Path | None) -> Path:
+    return offline_dir if offline_dir is not None else pki_dir.parent / OFFLINE_DIR_NAME
+
+
+def _move_root_key_offline(pki_dir: Path, offline_dir: Path, written: list[Path]) -> None:
+    """Older layouts kept the root key beside the service files: move it out."""
+    stray = pki_dir / f"{ROOT_CA}.key"
+    if not stray.exists():
+        return
+    target = offline_dir / f"{ROOT_CA}.key"
+    if target.exists():
+        stray.unlink()
+    else:
+        _write(target, stray.read_bytes(), private=True)
+        _write(offline_dir / f"{ROOT_CA}.pem", (pki_dir / f"{ROOT_CA}.pem").read_bytes())
+        stray.unlink()
+        written.append(target)
+
+
+def retired_issuing_cas(pki_dir: Path) -> list[x509.Certificate]:
+    """Previous issuing CAs kept (certificates only) so their agents still verify in a window."""
+    folder = pki_dir / RETIRED_DIR_NAME
+    if not folder.is_dir():
+        return []
+    now = datetime.now(UTC)
+    found = []
+    for path in sorted(folder.glob(f"{ISSUING_CA}-*.pem")):
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+        if certificate.not_valid_after_utc > now:
+            found.append(certificate)
+    return found
+
+
+def _write_agent_bundle(
+    pki_dir: Path, issuing: CertificateAuthority, root_pem: bytes, written: list[Path]
+) -> None:
+    # nginx verifies agents against this bundle (ssl_verify_depth 2: agent, issuing,
+    # root). Retired issuing CAs stay in it for their window; gateway_auth's edge
+    # check refuses them once the window closed, so no nginx reload is needed.
+    retired = b"".join(_cert_pem(c) for c in retired_issuing_cas(pki_dir))
+    _write_if_changed(
+        pki_dir / AGENT_CA_BUNDLE, issuing.certificate_pem + retired + root_pem, written
+    )
+
+
+def init_pki(pki_dir: Path, *, offline_dir: Path | None = None, force: bool = False) -> list[Path]:
     """Create whatever is missing or stale in `pki_dir`, keep the rest; return the files written.
 
-    A CA that is (re)created takes everything it signs with it, so the folder never
-    mixes two generations of one CA. `force` recreates everything.
+    The root CA (certificate and key) is made in `offline_dir` (default: the
+    folder ``pki-offline`` beside `pki_dir`); only its certificate is copied into
+    `pki_dir`. A CA that is (re)created takes everything it signs with it, so the
+    folder never mixes two generations of one CA. `force` recreates everything.
     """
+    offline = _offline_dir(pki_dir, offline_dir)
     pki_dir.mkdir(parents=True, exist_ok=True)
+    offline.mkdir(parents=True, exist_ok=True)
+    os.chmod(offline, 0o700)
     written: list[Path] = []
+    _move_root_key_offline(pki_dir, offline, written)
 
     root, new_root = _ensure_ca(
-        pki_dir,
+        offline,
         ROOT_CA,
         lambda: CertificateAuthority.create_root(ROOT_CA_NAME, path_length=1),
         parent=None,
         renew=force,
         written=written,
     )
+    _write_if_changed(pki_dir / f"{ROOT_CA}.pem", root.certificate_pem, written)
     issuing, new_issuing = _ensure_ca(
         pki_dir,
         ISSUING_CA,
@@ -403,10 +492,11 @@ def init_pki(pki_dir: Path, *, force: bool = False) -> list[Path]:
         renew=force or new_root,
         written=written,
     )
-    # nginx verifies agents against this bundle (ssl_verify_depth 2: agent, issuing, root).
-    _write_if_changed(
-        pki_dir / AGENT_CA_BUNDLE, issuing.certificate_pem + root.certificate_pem, written
-    )
+    if new_root:
+        # Issuing CAs of the previous root cannot chain to the new one.
+        for stale in (pki_dir / RETIRED_DIR_NAME).glob(f"{ISSUING_CA}-*.pem"):
+            stale.unlink()
+    _write_agent_bundle(pki_dir, issuing, root.certificate_pem, written)
     edge_server = _ensure_leaf(
         pki_dir,
         EDGE_SERVER,
@@ -458,6 +548,31 @@ def init_pki(pki_dir: Path, *, force: bool = False) -> list[Path]:
         written=written,
     )
     return written
+
+
+def rotate_issuing_ca(
+    pki_dir: Path, *, offline_dir: Path | None = None, now: datetime | None = None
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """Replace the issuing CA by a new one signed by the offline root; (old, new).
+
+    The old certificate moves to ``retired/`` (its key is deleted: it signs
+    nothing any more) and stays in the agent bundle, so agents it issued keep
+    working until gateway_auth's window for it closes (``issuers retire``). The
+    new CA gets a distinct name, since the edge check tells CAs apart by name.
+    """
+    offline = _offline_dir(pki_dir, offline_dir)
+    root = CertificateAuthority.load(offline / f"{ROOT_CA}.pem")
+    old = load_issuing_ca(pki_dir)
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%fZ")
+    new = root.create_intermediate(
+        f"{ISSUING_CA_NAME} {stamp}", permitted_uri_hosts=[SPIFFE_TRUST_DOMAIN]
+    )
+    retired = pki_dir / RETIRED_DIR_NAME
+    retired.mkdir(exist_ok=True)
+    _write(retired / f"{ISSUING_CA}-{old.certificate.serial_number:x}.pem", old.certificate_pem)
+    new.save(pki_dir, ISSUING_CA)
+    _write_agent_bundle(pki_dir, new, root.certificate_pem, [])
+    return old.certificate, new.certificate
 
 
 def load_issuing_ca(pki_dir: Path) -> CertificateAuthority:
@@ -527,7 +642,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     init = commands.add_parser("init", help="create the CAs and service certificates")
     init.add_argument("--dir", type=Path, required=True, help="PKI folder")
+    init.add_argument("--offline-dir", type=Path, help="root CA folder (default: pki-offline)")
     init.add_argument("--force", action="store_true", help="recreate everything")
+
+    rotate = commands.add_parser(
+        "rotate-issuing", help="replace the issuing CA by a new one signed by the offline root"
+    )
+    rotate.add_argument("--dir", type=Path, required=True, help="PKI folder")
+    rotate.add_argument("--offline-dir", type=Path, help="root CA folder (default: pki-offline)")
 
     agent = commands.add_parser("issue-agent", help="issue an agent client certificate")
     agent.add_argument("--dir", type=Path, required=True, help="PKI folder (from init)")
@@ -543,10 +665,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         if args.command == "init":
-            written = init_pki(args.dir, force=args.force)
+            written = init_pki(args.dir, offline_dir=args.offline_dir, force=args.force)
             print(
                 f"pki: wrote {len(written)} files in {args.dir}" if written else "pki: up to date"
             )
+        elif args.command == "rotate-issuing":
+            old, new = rotate_issuing_ca(args.dir, offline_dir=args.offline_dir)
+            print(f"pki: issuing CA {new.subject.rfc4514_string()} replaces")
+            print(f"     {old.subject.rfc4514_string()} (close its window with `issuers retire`)")
         else:
             cert_path, key_path = write_agent_certificate(
                 load_issuing_ca(args.dir),
