@@ -15,12 +15,6 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from services.shared.edge_auth import (
-    SERIAL_HEADER,
-    PeerCert,
-    identity_from_request,
-    operator_credentials_from_request,
-)
 from services.api.keys import (
     EVENTS,
     METRICS,
@@ -49,6 +43,14 @@ from services.api.operators import (
     OperatorKey,
     environment_views,
 )
+from services.shared.edge_auth import (
+    SERIAL_HEADER,
+    PeerCert,
+    identity_from_request,
+    operator_credentials_from_request,
+)
+from services.shared.events import EventId
+from services.shared.identity import AgentIdentity
 from services.shared.params import path_id, query_int
 from services.shared.problems import (
     FieldError,
@@ -58,8 +60,6 @@ from services.shared.problems import (
     UnsupportedMediaType,
     ValidationFailed,
 )
-from services.shared.events import EventId
-from services.shared.identity import AgentIdentity
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from services.shared.params import query_int
 from services.api.repository import PendingCommands
 from services.shared.commands import MAX_WAIT_S, CommandsReply
 from services.shared.identity import IdentityError, check_id
+from services.shared.params import query_int
 
 log = logging.getLogger(__name__)
 

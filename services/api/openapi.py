@@ -31,9 +31,9 @@ from services.api.models import (
     ReadyReply,
 )
 from services.api.operators import AUDIT_LIMIT_DEFAULT, AUDIT_LIMIT_MAX
-from services.shared.problems import PROBLEM_CONTENT_TYPE, WWW_AUTHENTICATE
 from services.shared.commands import MAX_WAIT_S, CommandsReply
 from services.shared.events import DesiredState, EventBatch, EventId, Identifier
+from services.shared.problems import PROBLEM_CONTENT_TYPE, WWW_AUTHENTICATE
 
 OPENAPI_VERSION: Final = "3.1.0"
 API_VERSION: Final = "1.0.0"

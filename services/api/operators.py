@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Protocol
 
-from services.shared.edge_auth import OperatorCredentials
 from services.api.models import EnvironmentView, Liveness
-from services.shared.problems import NotFound, OperatorUnauthenticated
 from services.api.repository import EnvironmentRow, StoredOperatorKey
+from services.shared.edge_auth import OperatorCredentials
 from services.shared.operator_keys import secret_matches
+from services.shared.problems import NotFound, OperatorUnauthenticated
 
 AUDIT_LIMIT_DEFAULT: Final = 100
 AUDIT_LIMIT_MAX: Final = 500

@@ -22,13 +22,6 @@ from opentelemetry import propagate, trace
 from pydantic import ValidationError
 
 from services.api.metrics import ApiMetrics
-from services.shared.problems import (
-    FieldError,
-    MalformedRequest,
-    PayloadTooLarge,
-    ServiceUnavailable,
-    ValidationFailed,
-)
 from services.shared.events import (
     EVENT_TYPES,
     AgentEventRecord,
@@ -37,6 +30,13 @@ from services.shared.events import (
     EventBatch,
 )
 from services.shared.identity import AgentIdentity
+from services.shared.problems import (
+    FieldError,
+    MalformedRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 
 log = logging.getLogger(__name__)
 

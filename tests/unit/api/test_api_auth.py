@@ -12,9 +12,9 @@ from services.shared.edge_auth import (
     operator_credentials_from_request,
     peer_common_names,
 )
-from services.shared.problems import Forbidden, OperatorUnauthenticated, Unauthenticated
 from services.shared.identity import AgentIdentity
 from services.shared.operator_keys import new_key
+from services.shared.problems import Forbidden, OperatorUnauthenticated, Unauthenticated
 
 EDGE = "fleetplane-edge"
 EDGE_CERT = {"subject": ((("organizationName", "Fleetplane"),), (("commonName", EDGE),))}

@@ -17,10 +17,10 @@ from services.api.longpoll import (
     parse_payload,
     parse_wait,
 )
-from services.shared.problems import ValidationFailed
 from services.api.repository import PendingCommands
 from services.controller.store import COMMANDS_CHANNEL as CONTROLLER_CHANNEL
 from services.shared.commands import MAX_WAIT_S, Command, CommandResource
+from services.shared.problems import ValidationFailed
 
 from .conftest import FakeRepository
 

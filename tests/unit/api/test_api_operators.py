@@ -6,11 +6,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.shared.edge_auth import OperatorCredentials
 from services.api.operators import OperatorAuthenticator, OperatorKey, environment_views, liveness
-from services.shared.problems import NotFound, OperatorUnauthenticated
 from services.api.repository import EnvironmentRow, StoredOperatorKey
+from services.shared.edge_auth import OperatorCredentials
 from services.shared.operator_keys import NewKey, new_key
+from services.shared.problems import NotFound, OperatorUnauthenticated
 
 from .conftest import FakeRepository
 

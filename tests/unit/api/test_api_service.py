@@ -11,12 +11,6 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 
 from services.api.metrics import ApiMetrics
-from services.shared.problems import (
-    MalformedRequest,
-    PayloadTooLarge,
-    ServiceUnavailable,
-    ValidationFailed,
-)
 from services.api.service import (
     EventService,
     build_desired_state_record,
@@ -31,6 +25,12 @@ from services.shared.events import (
     decode_topic_record,
 )
 from services.shared.identity import AgentIdentity
+from services.shared.problems import (
+    MalformedRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 
 from .conftest import FakeProducer
 from .events_data import batch_body, heartbeat, observed

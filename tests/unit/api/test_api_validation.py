@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from services.api.service import field_path, parse_batch
+from services.shared.events import MAX_EVENTS_PER_BATCH
 from services.shared.problems import (
     MAX_LISTED_ERRORS,
     FieldError,
@@ -15,8 +17,6 @@ from services.shared.problems import (
     http_problem_body,
     problem_body,
 )
-from services.api.service import field_path, parse_batch
-from services.shared.events import MAX_EVENTS_PER_BATCH
 
 from .events_data import batch_body, heartbeat, observed
 
