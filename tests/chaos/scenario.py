@@ -48,9 +48,38 @@ async def wait_file(path: Path, timeout_s: float) -> dict[str, Any]:
     return holding
 
 
-def zombie_env(pause_file: Path, idle_timeout_s: float | None = None) -> dict[str, str]:
-    """Controller environment arming the test-only hook ``ControllerSettings.test_pause_file``."""
+def zombie_env(pause_file: Path, *, keep_transaction_open: bool = False) -> dict[str, str]:
+    """Controller environment arming the test-only hook ``ControllerSettings.test_pause_file``.
+
+    ``keep_transaction_open``: PostgreSQL would otherwise end the stopped
+    controller's idle session after 2 s (the default), long before a test wakes it.
+    The command timer then waits a minute too: a tick's short transaction, if open
+    at the instant of the stop, would hold its share lock on the ownership rows
+    (and so the takeover) until that session ends, which is right but not the
+    scenario such a test is about.
+    """
     env = {"FLEETPLANE_CONTROLLER_TEST_PAUSE_FILE": str(pause_file)}
-    if idle_timeout_s is not None:
-        env["FLEETPLANE_CONTROLLER_IDLE_IN_TRANSACTION_TIMEOUT_S"] = str(idle_timeout_s)
+    if keep_transaction_open:
+        env["FLEETPLANE_CONTROLLER_IDLE_IN_TRANSACTION_TIMEOUT_S"] = "120"
+        env["FLEETPLANE_CONTROLLER_COMMAND_TIMER_INTERVAL_S"] = "60"
     return env
+
+
+async def stop_inside_a_transaction(
+    deployment: Deployment, name: str, pause_file: Path
+) -> dict[int, dict[str, Any]]:
+    """Make controller ``name`` (started with ``zombie_env``) stop inside an apply transaction.
+
+    Waits for the load to reach every partition and the group to settle first, so
+    the transaction is a current owner's. Returns what it holds, per partition:
+    ``epoch`` and the ``event_ids`` written but not committed (some, at least).
+    """
+    await own.wait_busy(deployment)
+    await own.wait_holds(deployment, own.instance_id(deployment, name))
+    await own.wait_settled(deployment, deployment.controllers)
+    # Arm: the controller's next apply transaction stops itself.
+    await asyncio.to_thread(pause_file.touch)
+    holding = await wait_file(pause_file.with_name("pause.holding"), timeout_s=15)
+    held = {int(p): h for p, h in holding["partitions"].items()}
+    assert any(h["event_ids"] for h in held.values()), holding
+    return held
