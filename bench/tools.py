@@ -239,10 +239,10 @@ class EdgeProbe:
     """An extra edge rendered from edge.conf.template, proxying to a no-op upstream.
 
     Its ports come from lib.sh's EDGE_PROBE_BASE_PORT (agent listener, operator
-    listener, no-op upstream). The configuration is the native edge's, with these
-    changes, each made on exactly one line of the rendered text: limits from
-    ``limits`` (default: none that a benchmark or a scan would reach); with
-    ``agent_waf=False``, ``modsecurity off`` in the agent listener; with
+    listener, no-op upstream, enrollment listener). The configuration is the
+    native edge's, with these changes, each made on exactly one line of the
+    rendered text: limits from ``limits`` (default: none that a benchmark or a
+    scan would reach); with ``agent_waf=False``, ``modsecurity off`` in the agent listener; with
     ``agent_mtls=False``, ``ssl_verify_client off`` in the agent listener, for
     tools that cannot present a client certificate.
     """
@@ -261,6 +261,7 @@ class EdgeProbe:
         settings = lib_settings()
         base = int(settings["PROBE_BASE_PORT"])
         self.agent_port, self.operator_port, self.upstream_port = base, base + 1, base + 2
+        self.enroll_port = base + 3
         self.nginx_bin = settings["NGINX_BIN"]
         values = {k: v for k, v in settings.items() if k not in ("NGINX_BIN", "PROBE_BASE_PORT")}
         values.update(limits)
@@ -276,7 +277,10 @@ class EdgeProbe:
                 "REPO_ROOT": str(REPO_ROOT),
                 "EDGE_PORT": str(self.agent_port),
                 "OPERATOR_PORT": str(self.operator_port),
+                "ENROLL_PORT": str(self.enroll_port),
                 "API_SERVERS": f"        server 127.0.0.1:{self.upstream_port};",
+                # The no-op upstream also answers the per-request certificate check.
+                "GATEWAY_AUTH_SERVER": f"127.0.0.1:{self.upstream_port}",
             }
         )
         text = render(EDGE_TEMPLATE.read_text(), values)
@@ -315,7 +319,7 @@ class EdgeProbe:
     def start(self) -> EdgeProbe:
         self.upstream.start([self.upstream_port])
         try:
-            self.edge.start([self.agent_port, self.operator_port])
+            self.edge.start([self.agent_port, self.operator_port, self.enroll_port])
         except BaseException:
             self.upstream.stop()
             raise

@@ -28,6 +28,9 @@ OUTPUT: Final = HERE / "edge.conf"
 
 EDGE_PORT: Final = 18443
 OPERATOR_PORT: Final = 18444
+ENROLL_PORT: Final = 18445
+# The compose service and port of gateway_auth (FLEETPLANE_GATEWAY_AUTH_PORT).
+GATEWAY_AUTH_UPSTREAM: Final = ("gateway-auth", 18083)
 # Compose service names and the port each API instance listens on
 # (FLEETPLANE_API_PORT in docker-compose.yml; the tests compare the two).
 API_UPSTREAMS: Final = (("api-1", 18081), ("api-2", 18081))
@@ -46,6 +49,8 @@ VALUES: Final = {
     "REPO_ROOT": "/srv/fleetplane",
     "EDGE_PORT": str(EDGE_PORT),
     "OPERATOR_PORT": str(OPERATOR_PORT),
+    "ENROLL_PORT": str(ENROLL_PORT),
+    "GATEWAY_AUTH_SERVER": "{}:{}".format(*GATEWAY_AUTH_UPSTREAM),
     "API_SERVERS": "\n".join(
         f"        server {host}:{port} max_fails=1 fail_timeout=2s;" for host, port in API_UPSTREAMS
     ),

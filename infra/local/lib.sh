@@ -10,6 +10,8 @@ VENV_PYTHON="$REPO_ROOT/.venv/bin/python"
 LOG_DIR="$RUN_DIR/logs"
 PID_DIR="$RUN_DIR/pids"
 PKI_DIR="$RUN_DIR/pki"
+# The root CA's key: read only to sign issuing CAs, never by a running service.
+PKI_OFFLINE_DIR="${FLEETPLANE_PKI_OFFLINE_DIR:-$RUN_DIR/pki-offline}"
 
 KAFKA_VERSION="3.9.1"
 KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
@@ -25,6 +27,8 @@ PG_PASSWORD="${FLEETPLANE_DATABASE_PASSWORD:-fleetplane}"
 
 EDGE_PORT="${FLEETPLANE_EDGE_PORT:-18443}"
 OPERATOR_PORT="${FLEETPLANE_OPERATOR_PORT:-18444}"
+ENROLL_PORT="${FLEETPLANE_ENROLL_PORT:-18445}"
+GATEWAY_AUTH_PORT="${FLEETPLANE_GATEWAY_AUTH_PORT:-18083}"
 API_PORTS="${FLEETPLANE_API_PORTS:-18081 18082}"
 NGINX_BIN="${FLEETPLANE_NGINX_BIN:-/usr/sbin/nginx}"
 NGINX_WORKERS="${FLEETPLANE_NGINX_WORKERS:-1}"
@@ -154,6 +158,7 @@ export FLEETPLANE_KAFKA_BOOTSTRAP="${FLEETPLANE_KAFKA_BOOTSTRAP:-127.0.0.1:$KAFK
 export FLEETPLANE_DATABASE_PORT="$PG_PORT" FLEETPLANE_DATABASE_NAME="$PG_DB"
 export FLEETPLANE_DATABASE_USER="$PG_USER" FLEETPLANE_DATABASE_PASSWORD="$PG_PASSWORD"
 export FLEETPLANE_PKI_DIR="$PKI_DIR"
+export FLEETPLANE_GATEWAY_AUTH_PORT="$GATEWAY_AUTH_PORT"
 export FLEETPLANE_CONTROLLER_DATA_DIR="${FLEETPLANE_CONTROLLER_DATA_DIR:-$RUN_DIR/controller}"
 
 # Edge limits (infra/nginx/edge.conf.template). Per agent identity: sustained
@@ -170,8 +175,8 @@ EDGE_CONN="${FLEETPLANE_EDGE_CONN:-3000}"
 # The OWASP CRS as Debian's modsecurity-crs package installs it.
 CRS_SETUP="${FLEETPLANE_CRS_SETUP:-/etc/modsecurity/crs/crs-setup.conf}"
 CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"
-# First of three ports for the extra nginx instances that tests and benchmarks
+# First of four ports for the extra nginx instances that tests and benchmarks
 # start and stop themselves (bench/tools.py EdgeProbe: the edge template's agent
-# and operator listeners, and a no-op upstream): the GoTestWAF probe and
+# and operator listeners, a no-op upstream, the enrollment listener): the GoTestWAF probe and
 # `make bench ONLY=edge`.
 EDGE_PROBE_BASE_PORT="${FLEETPLANE_EDGE_PROBE_BASE_PORT:-18450}"

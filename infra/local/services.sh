@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Python services of the native stack: API instances and controllers.
+# The Python services of the native stack: gateway_auth, API instances and controllers.
 # Usage: services.sh start|stop|status
 # Needs the stack (stack.sh up), topics and migrations in place.
 set -euo pipefail
@@ -11,6 +11,8 @@ api_ready() {
     curl -sf -o /dev/null --max-time 2 --cacert "$PKI_DIR/internal-ca.pem" \
         --resolve "localhost:$1:127.0.0.1" "https://localhost:$1/readyz"
 }
+
+gateway_auth_ready() { api_ready "$1"; }
 
 controller_ready() {
     curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$1/readyz"
@@ -34,10 +36,14 @@ start_service() {
 }
 
 api_args() { echo "services.api --port $1"; }
+gateway_auth_args() { echo "services.gateway_auth --port $1"; }
 controller_args() { echo "services.controller --web-port $1 --instance-id controller-$2"; }
 
 start() {
     local port i=0
+    # shellcheck disable=SC2046 # the words are meant to split
+    start_service gateway-auth "$GATEWAY_AUTH_PORT" gateway_auth_ready \
+        $(gateway_auth_args "$GATEWAY_AUTH_PORT")
     for port in $API_PORTS; do
         i=$((i + 1))
         # shellcheck disable=SC2046 # the words are meant to split
@@ -62,12 +68,14 @@ each() {
         i=$((i + 1))
         "$action" "api-$i" "$port" || status=$?
     done
+    "$action" gateway-auth "$GATEWAY_AUTH_PORT" || status=$?
     return "$status"
 }
 
 pattern_of() {
     case "$1" in
     api-*) echo "-m $(api_args "$2")" ;;
+    gateway-auth) echo "-m $(gateway_auth_args "$2")" ;;
     controller-*) echo "-m $(controller_args "$2" "${1#controller-}")" ;;
     esac
 }

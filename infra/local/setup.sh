@@ -84,14 +84,10 @@ step_kafka() {
 }
 
 step_pki() {
-    local name
-    for name in root-ca issuing-ca internal-ca edge-server api-server edge-client; do
-        if [[ ! -f "$PKI_DIR/$name.pem" || ! -f "$PKI_DIR/$name.key" ]]; then
-            (cd "$REPO_ROOT" && "$VENV_PYTHON" -m services.gateway_auth.pki init --dir "$PKI_DIR")
-            return 0
-        fi
-    done
-    say "pki: present in $PKI_DIR"
+    # Idempotent and quick: creates what is missing or stale, and moves a root
+    # key left in the service folder by older versions to the offline folder.
+    (cd "$REPO_ROOT" && "$VENV_PYTHON" -m services.gateway_auth.pki init \
+        --dir "$PKI_DIR" --offline-dir "$PKI_OFFLINE_DIR")
 }
 
 mkdir -p "$RUN_DIR"/{kafka,postgres,nginx,pki,logs,pids}

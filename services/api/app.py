@@ -19,6 +19,7 @@ from services.api.keys import (
     REPOSITORY,
     SETTINGS,
     SIGNALS,
+    WATCH,
 )
 from services.api.longpoll import CommandPoller, CommandSignals
 from services.api.metrics import ApiMetrics
@@ -26,15 +27,33 @@ from services.api.middlewares import metrics_middleware, problem_middleware, req
 from services.api.notify_listener import command_listener
 from services.api.operators import OperatorAuthenticator
 from services.api.repository import FleetRepository, sql_repository
+from services.api.revocation_watch import RevocationWatch
 from services.api.routes import setup_routes
 from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
+from services.shared.notify import StateFollower
+from services.shared.revocations import IDENTITY_CHANNEL
 
 log = logging.getLogger(__name__)
 
 ProducerFactory = Callable[[ApiSettings], AbstractAsyncContextManager[RecordProducer]]
 RepositoryFactory = Callable[[ApiSettings], AbstractAsyncContextManager[FleetRepository]]
 ListenerFactory = Callable[[ApiSettings, CommandSignals], AbstractAsyncContextManager[object]]
+WatchFactory = Callable[[ApiSettings, RevocationWatch], AbstractAsyncContextManager[object]]
+
+
+@asynccontextmanager
+async def identity_follower(settings: ApiSettings, watch: RevocationWatch) -> AsyncIterator[None]:
+    """Follow gateway_auth's revocations (LISTEN + periodic reload) in the background."""
+    follower = StateFollower(
+        settings.database.libpq_dsn,
+        IDENTITY_CHANNEL,
+        watch.reload,
+        interval_s=settings.identity_reload_s,
+        name="fleetplane-api-identity",
+    )
+    async with follower.running():
+        yield
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +69,7 @@ class Dependencies:
     producer: ProducerFactory = kafka_producer
     repository: RepositoryFactory = sql_repository
     command_listener: ListenerFactory = command_listener
+    identity_follower: WatchFactory = identity_follower
 
 
 def create_app(
@@ -114,6 +134,12 @@ def create_app(
             # Waiting polls were already answered by end_polls (on_shutdown).
             log.info("stopping the commands listener")
 
+    @asynccontextmanager
+    async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[WATCH] = watch = RevocationWatch(app[METRICS].revocation_delay)
+        async with deps.identity_follower(settings, watch):
+            yield
+
     async def end_polls(app: web.Application) -> None:
         # on_shutdown runs after the listening socket closed and before aiohttp
         # waits (up to shutdown_timeout_s) for in-flight requests: waiting polls
@@ -124,7 +150,15 @@ def create_app(
 
     app.on_shutdown.append(end_polls)
     app.cleanup_ctx.extend(
-        [metrics_ctx, producer_ctx, repository_ctx, events_ctx, operators_ctx, commands_ctx]
+        [
+            metrics_ctx,
+            producer_ctx,
+            repository_ctx,
+            events_ctx,
+            operators_ctx,
+            commands_ctx,
+            watch_ctx,
+        ]
     )
     setup_routes(app)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from services.api.keys import (
     REPOSITORY,
     REQUEST_ID,
     SETTINGS,
+    WATCH,
 )
 from services.api.longpoll import parse_wait
 from services.api.models import (
@@ -43,6 +45,7 @@ from services.api.operators import (
     OperatorKey,
     environment_views,
 )
+from services.shared.commands import CommandsReply
 from services.shared.edge_auth import (
     SERIAL_HEADER,
     PeerCert,
@@ -53,6 +56,7 @@ from services.shared.events import EventId
 from services.shared.identity import AgentIdentity
 from services.shared.params import path_id, query_int
 from services.shared.problems import (
+    CertificateRevoked,
     FieldError,
     PayloadTooLarge,
     Problem,
@@ -172,14 +176,40 @@ async def get_event(request: web.Request) -> web.Response:
 
 
 async def get_commands(request: web.Request) -> web.Response:
-    """``GET /v1/commands?wait=<s>``: the caller's environment's due commands (long poll)."""
+    """``GET /v1/commands?wait=<s>``: the caller's environment's due commands (long poll).
+
+    A poll whose certificate is revoked while it waits ends at once with 403.
+    """
     identity = agent_identity(request)
     wait_s = parse_wait(request.query.getall("wait", []))
-    with database_errors(request, "commands lookup"):
-        reply = await request.app[POLLER].poll(
-            identity.customer_id, identity.environment_id, wait_s
+    serial = request.headers.get(SERIAL_HEADER)
+    watch = request.app[WATCH]
+    with watch.watch(identity, serial) as revoked:
+        if revoked.is_set():
+            raise CertificateRevoked("the client certificate was revoked")
+        poll = asyncio.ensure_future(
+            _commands(request, identity.customer_id, identity.environment_id, wait_s)
         )
-    return _json(reply)
+        revocation = asyncio.ensure_future(revoked.wait())
+        try:
+            await asyncio.wait({poll, revocation}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            revocation.cancel()
+            if not poll.done():
+                poll.cancel()
+        if not poll.done() or poll.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+            watch.observe_refusal(identity, serial)
+            raise CertificateRevoked("the client certificate was revoked while the poll waited")
+    return _json(poll.result())
+
+
+async def _commands(
+    request: web.Request, customer_id: str, environment_id: str, wait_s: int
+) -> CommandsReply:
+    with database_errors(request, "commands lookup"):
+        return await request.app[POLLER].poll(customer_id, environment_id, wait_s)
 
 
 async def operator_key(request: web.Request) -> OperatorKey:

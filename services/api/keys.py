@@ -10,6 +10,7 @@ from services.api.longpoll import CommandPoller, CommandSignals
 from services.api.metrics import ApiMetrics
 from services.api.operators import OperatorAuthenticator
 from services.api.repository import FleetRepository
+from services.api.revocation_watch import RevocationWatch
 from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
 
@@ -22,4 +23,6 @@ OPERATORS: Final = web.AppKey("operators", OperatorAuthenticator)
 SIGNALS: Final = web.AppKey("signals", CommandSignals)
 """Wakes waiting long polls; fed by the LISTEN connection (tests call it directly)."""
 POLLER: Final = web.AppKey("poller", CommandPoller)
+WATCH: Final = web.AppKey("revocation_watch", RevocationWatch)
+"""Ends waiting long polls of revoked certificates; fed by the identity follower."""
 REQUEST_ID: Final = web.RequestKey("request_id", str)

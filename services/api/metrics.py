@@ -18,6 +18,7 @@ class ApiMetrics:
     batches_refused: Counter
     produce_duration: Histogram
     kafka_unavailable: Counter
+    revocation_delay: Histogram
 
     @classmethod
     def create(cls) -> ApiMetrics:
@@ -31,4 +32,5 @@ class ApiMetrics:
             batches_refused=specs.counter(registry, specs.API_BATCHES_REFUSED),
             produce_duration=specs.histogram(registry, specs.API_PRODUCE_DURATION),
             kafka_unavailable=specs.counter(registry, specs.API_KAFKA_UNAVAILABLE),
+            revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
         )

@@ -81,6 +81,9 @@ class ApiSettings(BaseSettings):
     Also the longest a revoked key keeps working on an API instance that cached it.
     """
 
+    identity_reload_s: float = Field(default=30.0, gt=0, le=3600)
+    """Full reload of revocations (for open long polls), besides the reload on each NOTIFY."""
+
     @model_validator(mode="after")
     def _liveness_thresholds_in_order(self) -> ApiSettings:
         if self.liveness_lost_s <= self.liveness_connected_s:

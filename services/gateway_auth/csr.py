@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from services.shared.identity import AgentIdentity, IdentityError, check_id
+from services.shared.identity import ID_PATTERN, AgentIdentity, IdentityError, check_id
 
 MAX_CSR_BYTES: Final = 16 * 1024
 ALLOWED_CURVES: Final = ("secp256r1", "secp384r1")
@@ -84,9 +84,7 @@ def check_key(public_key: CertificatePublicKeyTypes) -> None:
     """Raise WeakKey unless the key is ECDSA P-256/P-384 or RSA of at least 3072 bits."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         if public_key.curve.name not in ALLOWED_CURVES:
-            raise WeakKey(
-                f"ECDSA curve {public_key.curve.name} is not accepted; use P-256 or P-384"
-            )
+            raise WeakKey("this ECDSA curve is not accepted; use P-256 or P-384")
         return
     if isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < MIN_RSA_BITS:
@@ -101,7 +99,7 @@ def check_key(public_key: CertificatePublicKeyTypes) -> None:
 def _single(csr: x509.CertificateSigningRequest, oid: x509.ObjectIdentifier) -> str | None:
     values = csr.subject.get_attributes_for_oid(oid)
     if len(values) > 1:
-        raise IdentityMismatch(f"the CSR subject repeats {oid._name}")
+        raise IdentityMismatch("the CSR subject repeats an attribute")
     if not values:
         return None
     value = values[0].value
@@ -113,16 +111,15 @@ def requested_agent_id(csr: x509.CertificateSigningRequest) -> str:
     allowed = {NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME}
     for attribute in csr.subject:
         if attribute.oid not in allowed:
-            raise IdentityMismatch(
-                f"the CSR subject may hold only CN (and O, OU), not {attribute.oid._name}"
-            )
+            raise IdentityMismatch("the CSR subject may hold only CN (and O, OU)")
     agent_id = _single(csr, NameOID.COMMON_NAME)
     if agent_id is None:
         raise IdentityMismatch("the CSR subject must carry the agent name as CN")
     try:
         return check_id("agent", agent_id)
-    except IdentityError as e:
-        raise IdentityMismatch(str(e)) from None
+    except IdentityError:
+        # Not echoed: problem bodies never repeat input.
+        raise IdentityMismatch(f"the CSR's CN must be an agent id matching {ID_PATTERN}") from None
 
 
 def check_csr(
@@ -137,9 +134,7 @@ def check_csr(
     check_key(csr.public_key())
     name = requested_agent_id(csr)
     if agent_id is not None and name != agent_id:
-        raise IdentityMismatch(
-            f"the CSR names agent {name!r}; this caller may only be {agent_id!r}"
-        )
+        raise IdentityMismatch("the CSR's CN names another agent than the one this caller may be")
     for oid, expected, what in (
         (NameOID.ORGANIZATION_NAME, customer_id, "customer (O)"),
         (NameOID.ORGANIZATIONAL_UNIT_NAME, environment_id, "environment (OU)"),
@@ -147,7 +142,8 @@ def check_csr(
         value = _single(csr, oid)
         if value is not None and value != expected:
             raise IdentityMismatch(
-                f"the CSR asks for {what} {value!r}; this caller may only be {expected!r}"
+                f"the CSR asks for another {what} than this caller may have; "
+                "send CN=<agent> alone, or the caller's own O and OU"
             )
     identity = AgentIdentity(customer_id, environment_id, name)
     try:
@@ -161,6 +157,6 @@ def check_csr(
         if names != [x509.UniformResourceIdentifier(identity.spiffe_uri)]:
             raise ExtraNames(
                 "the CSR may name only the agent's own SPIFFE ID "
-                f"({identity.spiffe_uri}) as subjectAltName, or none"
+                "(spiffe://fleetplane/customer/<c>/env/<e>/agent/<a>) as subjectAltName, or none"
             )
     return CheckedCsr(identity, csr.public_key())

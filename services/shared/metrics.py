@@ -158,6 +158,48 @@ CONTROLLER_REFUSED_PARTITIONS: Final = MetricSpec(
     "stored offset is below Kafka's log start (records deleted before they were applied).",
 )
 
+# --- gateway_auth and agent identity ---------------------------------------------
+GATEWAY_AUTH_REQUESTS: Final = MetricSpec(
+    "fleetplane_gateway_auth_requests_total",
+    "counter",
+    "requests",
+    "HTTP requests answered by gateway_auth, by route template, method and status.",
+    ("route", "method", "status"),
+)
+GATEWAY_AUTH_CERTIFICATES_ISSUED: Final = MetricSpec(
+    "fleetplane_gateway_auth_certificates_issued_total",
+    "counter",
+    "certificates",
+    "Agent certificates issued, by path (enrollment, renewal).",
+    ("via",),
+)
+GATEWAY_AUTH_REFUSALS: Final = MetricSpec(
+    "fleetplane_gateway_auth_refusals_total",
+    "counter",
+    "requests",
+    "Enrollments, renewals and edge checks refused, by problem type (weak-key, "
+    "enrollment-token-used, revoked, ...).",
+    ("reason",),
+)
+GATEWAY_AUTH_EDGE_CHECKS: Final = MetricSpec(
+    "fleetplane_gateway_auth_edge_checks_total",
+    "counter",
+    "checks",
+    "The edge's per-request certificate checks (nginx auth_request, cached about 1 s), "
+    "by outcome (allowed, refused).",
+    ("outcome",),
+)
+IDENTITY_REVOCATION_DELAY: Final = MetricSpec(
+    "fleetplane_identity_revocation_enforcement_delay_seconds",
+    "histogram",
+    "seconds",
+    "Time from a revocation's revoked_at to the first request of a certificate it covers "
+    "that was refused, by where: edge (gateway_auth's check for nginx) or longpoll (an "
+    "open long poll ended by the API). Measured once per certificate and process.",
+    ("where",),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30),
+)
+
 ALL_METRICS: Final = (
     API_REQUESTS,
     API_REQUEST_DURATION,
@@ -178,6 +220,11 @@ ALL_METRICS: Final = (
     CONTROLLER_PARTITION_LAG,
     CONTROLLER_RECORDS_PRUNED,
     CONTROLLER_REFUSED_PARTITIONS,
+    GATEWAY_AUTH_REQUESTS,
+    GATEWAY_AUTH_CERTIFICATES_ISSUED,
+    GATEWAY_AUTH_REFUSALS,
+    GATEWAY_AUTH_EDGE_CHECKS,
+    IDENTITY_REVOCATION_DELAY,
 )
 
 

@@ -179,6 +179,93 @@ operator_keys: Final = Table(
     Column("revoked_at", DateTime(timezone=True)),
 )
 
+# --- Agent identity lifecycle: owned by gateway_auth (migration 0003) ---------------
+# The API reads revocations, agent_certificates and issuing_cas to end revoked
+# agents' long polls.
+
+enrollment_tokens: Final = Table(
+    "enrollment_tokens",
+    metadata,
+    # Only a hash of the token is stored; the token is shown once to the operator.
+    Column("token_sha256", LargeBinary, primary_key=True),
+    Column("token_id", Text, nullable=False, unique=True),
+    Column("customer_id", Text, nullable=False),
+    Column("environment_id", Text, nullable=False),
+    # NULL: the enrolling agent names itself in its CSR.
+    Column("agent_id", Text),
+    Column("created_by", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True)),
+    Column("used_by_serial", Text),
+)
+
+agent_certificates: Final = Table(
+    "agent_certificates",
+    metadata,
+    # Lower-case hex without leading zeros (services.shared.revocations.normal_serial).
+    Column("serial", Text, primary_key=True),
+    Column("customer_id", Text, nullable=False),
+    Column("environment_id", Text, nullable=False),
+    Column("agent_id", Text, nullable=False),
+    Column("issuer_dn", Text, nullable=False),
+    Column("not_after", DateTime(timezone=True), nullable=False),
+    Column("issued_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("via", Text, nullable=False),
+    Column("previous_serial", Text),
+    CheckConstraint("via IN ('enrollment', 'renewal')", name="agent_certificates_via"),
+    Index("agent_certificates_identity", "customer_id", "environment_id", "agent_id"),
+)
+
+revocations: Final = Table(
+    "revocations",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("customer_id", Text, nullable=False),
+    Column("environment_id", Text, nullable=False),
+    # NULL: the whole environment.
+    Column("agent_id", Text),
+    # Certificates of the scope issued up to this instant are revoked; later ones
+    # (a new enrollment the operator allowed) are not.
+    Column("revoked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("revoked_by", Text, nullable=False),
+    Column("reason", Text),
+    Index("revocations_scope", "customer_id", "environment_id"),
+)
+
+issuing_cas: Final = Table(
+    "issuing_cas",
+    metadata,
+    # RFC 4514 form, as nginx's $ssl_client_i_dn gives it.
+    Column("subject_dn", Text, primary_key=True),
+    Column("certificate_pem", Text, nullable=False),
+    Column("added_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # NULL: trusted; else trusted until this instant (the rotation window).
+    Column("retire_at", DateTime(timezone=True)),
+)
+
+identity_audit: Final = Table(
+    "identity_audit",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("customer_id", Text, nullable=False),
+    Column("environment_id", Text, nullable=False),
+    Column("agent_id", Text),
+    Column("action", Text, nullable=False),
+    # "operator:<key id>" or "agent:<serial>".
+    Column("actor", Text, nullable=False),
+    Column("serial", Text),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("request_id", Text),
+    CheckConstraint(
+        "action IN ('token_created', 'token_used', 'certificate_issued', "
+        "'certificate_renewed', 'revoked')",
+        name="identity_audit_action",
+    ),
+    Index("identity_audit_customer", "customer_id", "at"),
+)
+
 FLEET_TABLES: Final = (
     partition_ownership,
     environments,

@@ -13,6 +13,7 @@ import pytest
 from services.gateway_auth.pki import issue_foreign_ca_agent
 from tests.support.agents import AgentClient, agent_ssl_context
 from tests.support.deployment import Deployment
+from tests.support.operators import OperatorClient
 from tests.support.waiting import eventually
 
 AgentFactory = Any
@@ -139,3 +140,30 @@ async def test_an_agent_cannot_read_another_customers_event(
     code, body = await intruder.event_status(event["id"])
     assert code == 200
     assert body == {"id": event["id"], "status": "pending"}
+
+
+async def test_edge_refuses_a_revoked_certificate(
+    deployment: Deployment, agents: AgentFactory
+) -> None:
+    deployment.start_apis()
+    stack = deployment.fleet.stack
+    agent: AgentClient = agents("acme", "prod", "agent-1")
+    neighbour: AgentClient = agents("acme", "prod", "agent-2")
+    assert (await agent.post_events([agent.heartbeat()]))[0] == 202
+    operator = OperatorClient(stack.pki_dir, deployment.operator_key("acme"), stack.operator_url)
+    status, body = await operator.request(
+        "POST",
+        "/v1/operator/customers/acme/revocations",
+        {"environment_id": "prod", "agent_id": "agent-1"},
+    )
+    assert status == 201, body
+    status, body = await eventually(
+        lambda: agent.post_events([agent.heartbeat()]),
+        lambda r: r[0] != 202,
+        timeout_s=5.0,
+        what="the revoked certificate refused within 5 s",
+    )
+    assert status == 403, body
+    assert body["type"] == "urn:fleetplane:problem:certificate-refused"
+    assert "revoked" in body["detail"]
+    assert (await neighbour.post_events([neighbour.heartbeat()]))[0] == 202

@@ -47,6 +47,10 @@ from typing import Any, Literal
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from services.api import routes as api_routes
 from services.gateway_auth.pki import CertificateAuthority
@@ -88,8 +92,9 @@ EDGE_RETRIES = 5
 """All operator requests come from 127.0.0.1, one address for the edge's operator rate
 limit: a 429 is waited out (Retry-After) rather than read as the row's answer."""
 
-Caller = Literal["agent", "operator", "internal"]
-"""``internal``: straight to an API instance, bypassing the edge (public routes only)."""
+Caller = Literal["agent", "operator", "enroll", "internal"]
+"""``internal``: straight to the route's service, bypassing the edge (public routes only);
+``enroll``: the edge's enrollment listener, with no client certificate (an agent enrolling)."""
 Target = Literal["own", "own-other-environment", "other-customer", "other-environment"]
 Route = tuple[str, str, str]
 """(service, method, path template)"""
@@ -139,6 +144,8 @@ class World:
     """By customer id, each key scoped to that customer."""
     operator_keys: dict[str, str]
     """By customer id: the raw keys of ``operators``."""
+    enrollment_tokens: dict[str, str] = field(default_factory=dict)
+    """``enrolls`` (used up by the positive row) and ``refused`` (never used up): alpha/prod."""
     sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -165,16 +172,25 @@ class World:
             strings += [ALPHA_OTHER, *parse_token(self.operator_keys[ALPHA])]
         if caller == "internal":
             strings += [ALPHA, ALPHA_OTHER, *(t.agent.agent_id for t in self.tenants.values())]
+        if caller == "enroll":
+            strings += [*parse_token(self.operator_keys[ALPHA])]
         return [s for s in strings if s]
 
-    async def send(self, caller: Caller, method: str, path: str, body: Any = None) -> Reply:
+    async def send(
+        self, caller: Caller, method: str, path: str, body: Any = None, service: str = "api"
+    ) -> Reply:
         """One request as ``caller``: the agent with its certificate on the agent
-        listener, the operator with its key on the operator listener."""
+        listener, the operator with its key on the operator listener, an enrolling
+        agent on the enrollment listener."""
         stack = self.deployment.fleet.stack
         headers = {}
         if caller == "internal":
-            url = f"https://127.0.0.1:{stack.api_ports[0]}{path}"
+            port = stack.gateway_auth_port if service == GATEWAY_AUTH else stack.api_ports[0]
+            url = f"https://127.0.0.1:{port}{path}"
             context = self.deployment.api_ssl_context()
+        elif caller == "enroll":
+            url = f"{stack.enroll_url}{path}"
+            context = ssl.create_default_context(cafile=str(stack.pki_dir / "root-ca.pem"))
         elif caller == "agent":
             url = f"{stack.edge_url}{path}"
             context = self.me.agent.ssl_context
@@ -498,6 +514,177 @@ for route in PUBLIC:
     ]  # fmt: skip
 
 
+# --- gateway_auth: agent identity ------------------------------------------------------
+
+GATEWAY_AUTH = "gateway_auth"
+ENROLL = (GATEWAY_AUTH, "POST", "/v1/enroll")
+RENEW = (GATEWAY_AUTH, "POST", "/v1/renew")
+AUTHZ = (GATEWAY_AUTH, "GET", "/v1/internal/authz")
+TOKENS = (GATEWAY_AUTH, "POST", "/v1/operator/customers/{customer_id}/enrollment-tokens")
+REVOCATIONS = (GATEWAY_AUTH, "POST", "/v1/operator/customers/{customer_id}/revocations")
+IDENTITY_AUDIT = (GATEWAY_AUTH, "GET", "/v1/operator/customers/{customer_id}/identity-audit")
+GATEWAY_PUBLIC = [
+    (GATEWAY_AUTH, "GET", "/healthz"),
+    (GATEWAY_AUTH, "GET", "/readyz"),
+    (GATEWAY_AUTH, "GET", "/metrics"),
+]
+ENROLLED_AGENT = "alpha-enrolled-agent"
+"""The agent the enrollment row enrolls, and the one the revocation row revokes."""
+
+
+def csr_for(agent: str, **names: str) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, agent)]
+    if "customer" in names:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, names["customer"]))
+    if "environment" in names:
+        attributes.append(
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, names["environment"])
+        )
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attributes))
+    return csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def enrollment(token: str, **names: str) -> Callable[[World], Request]:
+    return lambda world: Request(
+        "POST",
+        "/v1/enroll",
+        {"token": world.enrollment_tokens[token], "csr": csr_for(ENROLLED_AGENT, **names)},
+    )
+
+
+def renewal(**names: str) -> Callable[[World], Request]:
+    return lambda world: Request("POST", "/v1/renew", {"csr": csr_for(CALLER_AGENT, **names)})
+
+
+def tokens(customer: str, environment: str = PROD) -> Callable[[World], Request]:
+    return lambda world: Request(
+        "POST",
+        f"/v1/operator/customers/{customer}/enrollment-tokens",
+        {"environment_id": environment},
+    )
+
+
+def revocation(customer: str, environment: str = PROD) -> Callable[[World], Request]:
+    return lambda world: Request(
+        "POST",
+        f"/v1/operator/customers/{customer}/revocations",
+        {"environment_id": environment, "agent_id": ENROLLED_AGENT},
+    )
+
+
+def identity_audit(customer: str) -> Callable[[World], Request]:
+    return lambda world: Request("GET", f"/v1/operator/customers/{customer}/identity-audit")
+
+
+async def certificate_issued(world: World, request: Request, reply: Reply) -> None:
+    assert reply.status == 201, reply
+    body = reply.json()
+    assert body["spiffe_id"].startswith(f"spiffe://fleetplane/customer/{ALPHA}/env/{PROD}/")
+
+
+async def token_created(world: World, request: Request, reply: Reply) -> None:
+    assert reply.status == 201, reply
+    assert reply.json()["customer_id"] == ALPHA
+
+
+async def revoked_own(world: World, request: Request, reply: Reply) -> None:
+    assert reply.status == 201, reply
+    assert (reply.json()["customer_id"], reply.json()["agent_id"]) == (ALPHA, ENROLLED_AGENT)
+
+
+def refused_and_still_trusted(customer: str) -> Callable[[World, Request, Reply], Awaitable[None]]:
+    """404 like a customer that does not exist, and the victim's agents still pass the edge."""
+    like_unknown = refused_like_unknown(404, revocation(NOBODY))
+
+    async def check(world: World, request: Request, reply: Reply) -> None:
+        await like_unknown(world, request, reply)
+        await asyncio.sleep(2)  # longer than the edge's cache of the certificate check
+        victim = world.tenant(customer, PROD)
+        status, _ = await victim.agent.event_status(victim.event_ids[READ])
+        assert status == 200
+
+    return check
+
+
+async def own_identity_audit(world: World, request: Request, reply: Reply) -> None:
+    assert reply.status == 200, reply
+    entries = reply.json()["entries"]
+    assert {e["customer_id"] for e in entries} == {ALPHA}, reply.text
+    assert "token_created" in {e["action"] for e in entries}, reply.text
+
+
+async def check_passes(world: World, request: Request, reply: Reply) -> None:
+    """The edge's check let the caller's own certificate through to the API."""
+    assert reply.status == 200, reply
+
+
+ROWS += [
+    # Enrollment: the token's customer and environment, nothing else.
+    Row(ENROLL, "enroll", "own", "a CSR for its token's environment",
+        enrollment("enrolls"), certificate_issued, positive=True),
+    Row(ENROLL, "enroll", "other-customer", "CSR names another customer",
+        enrollment("refused", customer=BRAVO), refused(403)),
+    Row(ENROLL, "enroll", "other-environment", "CSR names another environment",
+        enrollment("refused", environment=ALPHA_OTHER), refused(403)),
+    Row(ENROLL, "agent", "own", "not served on the agent listener",
+        enrollment("refused"), AGENT_EDGE),
+    Row(ENROLL, "operator", "own", "not served on the operator listener",
+        enrollment("refused"), EDGE_404),
+    # Renewal: the current certificate's identity only.
+    Row(RENEW, "agent", "own", "its own identity", renewal(), certificate_issued, positive=True),
+    Row(RENEW, "agent", "other-customer", "CSR names another customer",
+        renewal(customer=BRAVO), refused(403)),
+    Row(RENEW, "agent", "other-environment", "CSR names another environment",
+        renewal(environment=ALPHA_OTHER), refused(403)),
+    Row(RENEW, "operator", "own", "not served on the operator listener", renewal(), EDGE_404),
+    Row(RENEW, "enroll", "own", "not served on the enrollment listener", renewal(), EDGE_404),
+    # The edge's per-request check is internal to the edge.
+    Row(AUTHZ, "agent", "own", "checked on each of its requests",
+        lambda w: Request("GET", f"/v1/events/{w.me.event_ids[READ]}"), check_passes,
+        positive=True),
+    Row(AUTHZ, "agent", "other-customer", "asked for directly",
+        fixed("GET", f"/v1/internal/authz?customer_id={BRAVO}"), AGENT_EDGE),
+    Row(AUTHZ, "operator", "other-customer", "not served on the operator listener",
+        fixed("GET", "/v1/internal/authz"), EDGE_404),
+    Row(AUTHZ, "internal", "own", "without the edge's certificate",
+        fixed("GET", "/v1/internal/authz"), refused(401)),
+    # Operator routes of gateway_auth: the key's customer only.
+    Row(TOKENS, "operator", "own", "its environment", tokens(ALPHA), token_created,
+        positive=True),
+    Row(TOKENS, "operator", "own-other-environment", "its other environment",
+        tokens(ALPHA, ALPHA_OTHER), token_created, positive=True),
+    Row(TOKENS, "operator", "other-customer", "same environment id",
+        tokens(BRAVO), refused_like_unknown(404, tokens(NOBODY))),
+    Row(TOKENS, "operator", "other-customer", "its other environment",
+        tokens(BRAVO, BRAVO_OTHER), refused_like_unknown(404, tokens(NOBODY))),
+    Row(TOKENS, "agent", "own", "not served on the agent listener", tokens(ALPHA), AGENT_EDGE),
+    Row(REVOCATIONS, "operator", "own", "an agent of its environment",
+        revocation(ALPHA), revoked_own, positive=True),
+    Row(REVOCATIONS, "operator", "other-customer", "same environment id",
+        revocation(BRAVO), refused_and_still_trusted(BRAVO)),
+    Row(REVOCATIONS, "agent", "other-customer", "not served on the agent listener",
+        revocation(BRAVO), AGENT_EDGE),
+    Row(IDENTITY_AUDIT, "operator", "own", "its customer",
+        identity_audit(ALPHA), own_identity_audit, positive=True),
+    Row(IDENTITY_AUDIT, "operator", "other-customer", "another customer",
+        identity_audit(BRAVO), refused_like_unknown(404, identity_audit(NOBODY))),
+    Row(IDENTITY_AUDIT, "agent", "own", "not served on the agent listener",
+        identity_audit(ALPHA), AGENT_EDGE),
+]  # fmt: skip
+for route in GATEWAY_PUBLIC:
+    # The same paths as the API's: the row ids name the service.
+    path = route[2]
+    ROWS += [
+        Row(route, "agent", "other-customer", "gateway_auth's, not served on the agent listener",
+            fixed("GET", path), AGENT_EDGE),
+        Row(route, "operator", "other-customer",
+            "gateway_auth's, not served on the operator listener", fixed("GET", path), EDGE_404),
+        Row(route, "internal", "own", "straight to gateway_auth", fixed("GET", path),
+            public_answer, positive=True),
+    ]  # fmt: skip
+
+
 def test_the_matrix_covers_every_route() -> None:
     served = served_routes()
     covered = {row.route for row in ROWS}
@@ -572,6 +759,12 @@ async def seed(deployment: Deployment, agents: dict[str, AgentClient]) -> World:
         assert status == 200, body
         mine = {t.change_id for t in world.tenants.values() if t.customer == customer}
         assert mine <= {e["change_id"] for e in body["entries"]}, body
+    for name in ("enrolls", "refused"):
+        status, body = await world.operators[ALPHA].request(
+            "POST", f"/v1/operator/customers/{ALPHA}/enrollment-tokens", {"environment_id": PROD}
+        )
+        assert status == 201, body
+        world.enrollment_tokens[name] = body["token"]
     return world
 
 
@@ -613,7 +806,9 @@ async def world(
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: row.id)
 async def test_isolation(world: World, row: Row) -> None:
     request = row.request(world)
-    reply = await world.send(row.caller, request.method, request.path, request.body)
+    reply = await world.send(
+        row.caller, request.method, request.path, request.body, service=row.route[0]
+    )
     await row.check(world, request, reply)
     sent = request.path + json.dumps(request.body)
     seen = reply.text + json.dumps(reply.headers)

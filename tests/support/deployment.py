@@ -20,6 +20,7 @@ class Deployment:
         self.fleet = fleet
         self.log_dir = log_dir
         self.apis: dict[int, ServiceProcess] = {}
+        self.gateway_auth: ServiceProcess | None = None
         self.controllers: dict[str, ServiceProcess] = {}
         self._next_controller_port = fleet.stack.controller_base_port
 
@@ -41,7 +42,29 @@ class Deployment:
         context.check_hostname = False
         return context
 
+    def start_gateway_auth(self, extra_env: dict[str, str] | None = None) -> ServiceProcess:
+        """Start gateway_auth on the stack's port (the edge checks every agent request with it)."""
+        port = self.fleet.stack.gateway_auth_port
+        process = ServiceProcess(
+            name="gateway-auth",
+            args=["-m", "services.gateway_auth", "--port", str(port)],
+            env={**self.fleet.service_env(), **(extra_env or {})},
+            health_url=f"https://127.0.0.1:{port}/readyz",
+            log_path=self.log_dir / "gateway-auth.log",
+            ssl_context=self.api_ssl_context(),
+        ).start()
+        self.gateway_auth = process
+        return process
+
+    def stop_gateway_auth(self) -> None:
+        if self.gateway_auth is not None:
+            self.gateway_auth.stop()
+            self.gateway_auth = None
+
     def start_api(self, port: int, extra_env: dict[str, str] | None = None) -> ServiceProcess:
+        """Start an API instance (and gateway_auth, which the edge needs, unless running)."""
+        if self.gateway_auth is None:
+            self.start_gateway_auth()
         process = ServiceProcess(
             name=f"api-{port}",
             args=["-m", "services.api", "--port", str(port)],
@@ -99,6 +122,7 @@ class Deployment:
     def close(self) -> None:
         for process in [*self.controllers.values(), *self.apis.values()]:
             process.stop()
+        self.stop_gateway_auth()
         drop_database(self.fleet.stack, self.fleet.database_name)
         asyncio.run(
             delete_topics(

@@ -31,6 +31,8 @@ class Stack:
     # The same variables as infra/local/lib.sh, so tests can run on a second stack.
     edge_url: str = f"https://127.0.0.1:{os.environ.get('FLEETPLANE_EDGE_PORT', '18443')}"
     operator_url: str = f"https://127.0.0.1:{os.environ.get('FLEETPLANE_OPERATOR_PORT', '18444')}"
+    enroll_url: str = f"https://127.0.0.1:{os.environ.get('FLEETPLANE_ENROLL_PORT', '18445')}"
+    gateway_auth_port: int = int(os.environ.get("FLEETPLANE_GATEWAY_AUTH_PORT", "18083"))
     api_ports: tuple[int, ...] = tuple(
         int(p) for p in os.environ.get("FLEETPLANE_API_PORTS", "18081 18082").split()
     )
@@ -39,6 +41,11 @@ class Stack:
     @property
     def pki_dir(self) -> Path:
         return Path(os.environ.get("FLEETPLANE_PKI_DIR", self.run_dir / "pki"))
+
+    @property
+    def pki_offline_dir(self) -> Path:
+        """The root CA's folder (infra/local/lib.sh PKI_OFFLINE_DIR); no service reads it."""
+        return Path(os.environ.get("FLEETPLANE_PKI_OFFLINE_DIR", self.run_dir / "pki-offline"))
 
     def admin_dsn(self, dbname: str = "postgres") -> str:
         d = self.database

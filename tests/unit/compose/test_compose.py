@@ -39,6 +39,7 @@ from services.api.settings import ApiSettings, PkiLocation
 from services.api.tls import server_ssl_context
 from services.controller.settings import ControllerSettings
 from services.gateway_auth.pki import init_pki
+from services.gateway_auth.settings import GatewayAuthSettings
 from services.shared.settings import DatabaseSettings, KafkaSettings
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
@@ -56,6 +57,7 @@ COMPOSE_SCHEMA: Final = REPO_ROOT.parent / "shared" / "compose-schema" / "compos
 # compose runs but this table lacks fails the tests until its settings are added.
 SETTINGS_BY_MODULE: Final[Mapping[str, tuple[type[BaseSettings], ...]]] = {
     "services.api": (ApiSettings, PkiLocation),
+    "services.gateway_auth": (GatewayAuthSettings, PkiLocation),
     "services.controller": (ControllerSettings,),
     "services.shared.topics": (KafkaSettings,),
     "services.shared.migrate": (DatabaseSettings,),

@@ -1,0 +1,288 @@
+"""HTTP handlers of gateway_auth: parse, authenticate, call the service, answer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Final, TypeVar
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
+from services.gateway_auth.models import (
+    AuditItem,
+    AuditList,
+    CertificateIssued,
+    EnrollRequest,
+    RenewRequest,
+    RevocationRecorded,
+    RevocationRequest,
+    TokenCreated,
+    TokenRequest,
+)
+from services.gateway_auth.service import IssuedAgentCertificate
+from services.shared.edge_auth import (
+    PeerCert,
+    agent_certificate_from_request,
+    is_edge,
+    operator_credentials_from_request,
+)
+from services.shared.operator_keys import secret_matches
+from services.shared.params import path_id, query_int
+from services.shared.problems import (
+    FieldError,
+    Forbidden,
+    NotFound,
+    OperatorUnauthenticated,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthenticated,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+
+log = logging.getLogger(__name__)
+
+REFUSAL_HEADER: Final = "X-Fleetplane-Refusal"
+AUDIT_LIMIT_DEFAULT: Final = 100
+AUDIT_LIMIT_MAX: Final = 500
+_DATABASE_DOWN: Final = (OperationalError, InterfaceError, PoolTimeoutError, OSError)
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _peer_cert(request: web.Request) -> PeerCert | None:
+    transport = request.transport
+    peer: PeerCert | None = transport.get_extra_info("peercert") if transport is not None else None
+    return peer
+
+
+@contextmanager
+def _database(request: web.Request) -> Iterator[None]:
+    try:
+        yield
+    except _DATABASE_DOWN as e:
+        log.warning("database unavailable: %s", e)
+        raise ServiceUnavailable(
+            "the identity database is unavailable; retry later",
+            retry_after_s=request.app[SETTINGS].retry_after_s,
+        ) from e
+
+
+async def _body(request: web.Request, model: type[Body]) -> Body:
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"send the body as application/json, not {request.content_type[:64]}"
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise PayloadTooLarge("the body is larger than gateway_auth accepts") from e
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        errors = tuple(
+            FieldError(".".join(str(p) for p in error["loc"]) or "body", error["msg"])
+            for error in e.errors(include_url=False, include_input=False)
+        )
+        raise ValidationFailed("the request body is not valid", errors=errors) from None
+
+
+def _json(reply: BaseModel, *, status: int = 200) -> web.Response:
+    return web.json_response(reply.model_dump(mode="json"), status=status)
+
+
+def _issued(issued: IssuedAgentCertificate) -> CertificateIssued:
+    certificate = issued.certificate
+    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    return CertificateIssued(
+        certificate_chain=issued.chain_pem,
+        serial=issued.serial,
+        spiffe_id=issued.spiffe_id,
+        not_after=end,
+        renew_after=start + timedelta(seconds=(end - start).total_seconds() * 2 / 3),
+    )
+
+
+async def _operator(request: web.Request) -> tuple[str, str]:
+    """(actor, customer id of the path) for a verified operator key that may act on it."""
+    credentials = operator_credentials_from_request(
+        request.headers.items(), _peer_cert(request), edge_cn=request.app[SETTINGS].edge_client_cn
+    )
+    with _database(request):
+        stored = await request.app[STORE].operator_key(credentials.key_id)
+    if stored is None or not secret_matches(credentials.secret, stored.secret_sha256):
+        raise OperatorUnauthenticated("the operator key is unknown, revoked or wrong")
+    customer_id = path_id("customer_id", request.match_info["customer_id"])
+    if stored.customer_id is not None and stored.customer_id != customer_id:
+        # The same answer as for a customer that does not exist: nothing leaks.
+        raise NotFound("no such customer")
+    return f"operator:{stored.key_id}", customer_id
+
+
+async def create_token(request: web.Request) -> web.Response:
+    actor, customer_id = await _operator(request)
+    body = await _body(request, TokenRequest)
+    settings = request.app[SETTINGS]
+    ttl_s = body.ttl_s if body.ttl_s is not None else settings.token_ttl_s
+    if ttl_s > settings.token_ttl_max_s:
+        raise ValidationFailed(
+            "ttl_s is too long",
+            errors=(FieldError("ttl_s", f"must be at most {settings.token_ttl_max_s}"),),
+        )
+    with _database(request):
+        token, token_id, expires_at = await request.app[SERVICE].create_token(
+            customer_id=customer_id,
+            environment_id=body.environment_id,
+            agent_id=body.agent_id,
+            ttl_s=ttl_s,
+            created_by=actor,
+            request_id=request[REQUEST_ID],
+        )
+    return _json(
+        TokenCreated(
+            token=token,
+            token_id=token_id,
+            customer_id=customer_id,
+            environment_id=body.environment_id,
+            agent_id=body.agent_id,
+            expires_at=expires_at,
+        ),
+        status=201,
+    )
+
+
+async def revoke(request: web.Request) -> web.Response:
+    actor, customer_id = await _operator(request)
+    body = await _body(request, RevocationRequest)
+    with _database(request):
+        revocation_id, revoked_at, covered = await request.app[STORE].revoke(
+            customer_id=customer_id,
+            environment_id=body.environment_id,
+            agent_id=body.agent_id,
+            revoked_by=actor,
+            reason=body.reason,
+            request_id=request[REQUEST_ID],
+        )
+    log.info(
+        "revocation %d of %s/%s/%s by %s",
+        revocation_id,
+        customer_id,
+        body.environment_id,
+        body.agent_id or "*",
+        actor,
+    )
+    return _json(
+        RevocationRecorded(
+            revocation_id=revocation_id,
+            customer_id=customer_id,
+            environment_id=body.environment_id,
+            agent_id=body.agent_id,
+            revoked_at=revoked_at,
+            certificates=covered,
+        ),
+        status=201,
+    )
+
+
+async def audit(request: web.Request) -> web.Response:
+    _, customer_id = await _operator(request)
+    limit = query_int(
+        request.query.getall("limit", []),
+        "limit",
+        minimum=1,
+        maximum=AUDIT_LIMIT_MAX,
+        default=AUDIT_LIMIT_DEFAULT,
+    )
+    with _database(request):
+        rows = await request.app[STORE].audit(customer_id, limit=limit)
+    return _json(AuditList(entries=[AuditItem.model_validate(row) for row in rows]))
+
+
+def _from_edge_listener(request: web.Request, listener: str) -> None:
+    """Enrollment has no client identity: require only the edge and its enrollment listener."""
+    if not is_edge(_peer_cert(request), request.app[SETTINGS].edge_client_cn):
+        raise Unauthenticated("requests must come through the edge")
+    if request.headers.getall("X-Fleetplane-Listener", []) != [listener]:
+        raise NotFound("no such resource")
+
+
+async def enroll(request: web.Request) -> web.Response:
+    _from_edge_listener(request, "enroll")
+    body = await _body(request, EnrollRequest)
+    with _database(request):
+        issued = await request.app[SERVICE].enroll(
+            body.token, body.csr, request_id=request[REQUEST_ID]
+        )
+    return _json(_issued(issued), status=201)
+
+
+async def renew(request: web.Request) -> web.Response:
+    current = agent_certificate_from_request(
+        request.headers.items(), _peer_cert(request), edge_cn=request.app[SETTINGS].edge_client_cn
+    )
+    body = await _body(request, RenewRequest)
+    with _database(request):
+        issued = await request.app[SERVICE].renew(current, body.csr, request_id=request[REQUEST_ID])
+    return _json(_issued(issued), status=201)
+
+
+async def authz(request: web.Request) -> web.Response:
+    """nginx ``auth_request``: 200 passes the agent's request on, 401 refuses it.
+
+    nginx understands only 2xx, 401 and 403 from here; the edge turns 401 into a
+    403 problem for the agent, whose detail is ``X-Fleetplane-Refusal``. Anyone
+    but the edge gets the same 401, as a problem body.
+    """
+    try:
+        certificate = agent_certificate_from_request(
+            request.headers.items(),
+            _peer_cert(request),
+            edge_cn=request.app[SETTINGS].edge_client_cn,
+        )
+        reason = request.app[TRUST].check(certificate)
+    except Unauthenticated as refused:
+        reason = refused.detail
+    except Forbidden as refused:
+        reason = refused.detail
+    if reason is None:
+        return web.Response(status=200)
+    request.app[METRICS].refusals.labels(reason="edge-check").inc()
+    raise Unauthenticated(reason, headers={REFUSAL_HEADER: reason})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 once the trust state is loaded and PostgreSQL answers."""
+    if request.app[TRUST].state is None:
+        raise ServiceUnavailable("not ready: revocations not loaded yet", retry_after_s=1)
+    with _database(request):
+        await request.app[STORE].operator_key("000000000000")
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    payload = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def setup_routes(app: web.Application) -> None:
+    router = app.router
+    router.add_get("/healthz", healthz)
+    router.add_get("/readyz", readyz)
+    router.add_get("/metrics", metrics)
+    router.add_get("/v1/internal/authz", authz)
+    router.add_post("/v1/enroll", enroll)
+    router.add_post("/v1/renew", renew)
+    customer = "/v1/operator/customers/{customer_id}"
+    router.add_post(customer + "/enrollment-tokens", create_token)
+    router.add_post(customer + "/revocations", revoke)
+    router.add_get(customer + "/identity-audit", audit)

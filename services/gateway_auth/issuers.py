@@ -1,0 +1,60 @@
+"""``python -m services.gateway_auth.issuers``: list issuing CAs, close a rotation window.
+
+CA rotation, step by step (docs/threat-model.md, "Agent identity lifecycle"):
+
+1. ``python -m services.gateway_auth.pki rotate-issuing --dir <pki> --offline-dir <offline>``
+   signs a new issuing CA with the offline root; gateway_auth picks up the new
+   files at its next issuance and registers the new CA as trusted.
+2. ``python -m services.gateway_auth.issuers retire --subject '<old DN>' --in 172800``
+   keeps the old CA trusted for the window (agents renew into the new one
+   meanwhile), after which the edge refuses its certificates. No nginx reload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import psycopg
+
+from services.shared.revocations import IDENTITY_CHANNEL
+from services.shared.settings import DatabaseSettings
+
+
+def retire(dsn: str, subject_dn: str, after_s: float) -> bool:
+    """Trust the issuing CA only ``after_s`` seconds more; False if it is not registered."""
+    with psycopg.connect(dsn) as conn:
+        cursor = conn.execute(
+            "UPDATE issuing_cas SET retire_at = now() + make_interval(secs => %s) "
+            "WHERE subject_dn = %s",
+            (after_s, subject_dn),
+        )
+        conn.execute("SELECT pg_notify(%s, 'issuer')", (IDENTITY_CHANNEL,))
+        return cursor.rowcount == 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.gateway_auth.issuers")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", help="registered issuing CAs and when each stops being trusted")
+    drop = verbs.add_parser("retire", help="end the trust in an issuing CA after a window")
+    drop.add_argument("--subject", required=True, help="its subject DN, as `list` prints it")
+    drop.add_argument("--in", dest="after_s", type=float, required=True, help="seconds from now")
+    args = parser.parse_args(argv)
+    dsn = DatabaseSettings().libpq_dsn
+    if args.verb == "list":
+        with psycopg.connect(dsn) as conn:
+            for dn, added_at, retire_at in conn.execute(
+                "SELECT subject_dn, added_at, retire_at FROM issuing_cas ORDER BY added_at"
+            ):
+                print(f"{dn}\tadded {added_at}\tretire {retire_at or '-'}")
+        return 0
+    if not retire(dsn, args.subject, args.after_s):
+        print(f"no registered issuing CA {args.subject!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Typed keys of what the app and each request carry (no module-level singletons)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+
+from services.gateway_auth.service import GatewayMetrics, IdentityService, TrustKeeper
+from services.gateway_auth.settings import GatewayAuthSettings
+from services.gateway_auth.store import IdentityStore
+
+SETTINGS: Final = web.AppKey("settings", GatewayAuthSettings)
+METRICS: Final = web.AppKey("metrics", GatewayMetrics)
+STORE: Final = web.AppKey("store", IdentityStore)
+SERVICE: Final = web.AppKey("service", IdentityService)
+TRUST: Final = web.AppKey("trust", TrustKeeper)
+REQUEST_ID: Final = web.RequestKey("request_id", str)

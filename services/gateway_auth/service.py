@@ -1,0 +1,316 @@
+"""Agent identity lifecycle: enrollment, renewal, revocation, the edge's check. No aiohttp.
+
+Handlers parse HTTP and call these; everything that decides lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.gateway_auth.csr import CsrRefused, check_csr
+from services.gateway_auth.pki import CertificateAuthority
+from services.gateway_auth.problems import (
+    CertificateRefused,
+    EnrollmentTokenExpired,
+    EnrollmentTokenUsed,
+    InvalidEnrollmentToken,
+    csr_problem,
+)
+from services.gateway_auth.store import CertificateRecord, IdentityStore, StoredToken
+from services.shared import metrics as specs
+from services.shared.edge_auth import AgentCertificate
+from services.shared.identity import AgentIdentity
+from services.shared.problems import Unauthenticated
+from services.shared.revocations import TrustState, load_trust_state, normal_serial
+
+log = logging.getLogger(__name__)
+
+TOKEN_PREFIX: Final = "fpe_"  # noqa: S105  # a prefix, not a secret
+MAX_OBSERVED: Final = 100_000
+"""Bounds the set of certificates whose first refusal was measured."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayMetrics:
+    registry: CollectorRegistry
+    requests: Counter
+    issued: Counter
+    refusals: Counter
+    edge_checks: Counter
+    revocation_delay: Histogram
+
+    @classmethod
+    def create(cls) -> GatewayMetrics:
+        registry = CollectorRegistry(auto_describe=True)
+        return cls(
+            registry=registry,
+            requests=specs.counter(registry, specs.GATEWAY_AUTH_REQUESTS),
+            issued=specs.counter(registry, specs.GATEWAY_AUTH_CERTIFICATES_ISSUED),
+            refusals=specs.counter(registry, specs.GATEWAY_AUTH_REFUSALS),
+            edge_checks=specs.counter(registry, specs.GATEWAY_AUTH_EDGE_CHECKS),
+            revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedAgentCertificate:
+    certificate: x509.Certificate
+    chain_pem: str
+    """The certificate followed by its issuing CA: what the agent presents."""
+
+    @property
+    def serial(self) -> str:
+        return normal_serial(self.certificate.serial_number)
+
+    @property
+    def spiffe_id(self) -> str:
+        """The one URI SAN the policy puts in."""
+        names = self.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return str(names.value.get_values_for_type(x509.UniformResourceIdentifier)[0])
+
+
+class IssuingCa:
+    """The issuing CA from its files, re-read when they change (rotation needs no restart)."""
+
+    def __init__(self, cert_path: Path, key_path: Path) -> None:
+        self._cert_path = cert_path
+        self._key_path = key_path
+        self._stamp: tuple[float, float] | None = None
+        self._ca: CertificateAuthority | None = None
+
+    def current(self) -> tuple[CertificateAuthority, bool]:
+        """(the CA, whether it changed since the last call). Raises OSError/ValueError."""
+        stamp = (os.stat(self._cert_path).st_mtime, os.stat(self._key_path).st_mtime)
+        if self._ca is not None and stamp == self._stamp:
+            return self._ca, False
+        self._ca = CertificateAuthority.load(self._cert_path, self._key_path)
+        self._stamp = stamp
+        return self._ca, True
+
+
+class TrustKeeper:
+    """gateway_auth's copy of the trust state, and the check the edge asks for on each request."""
+
+    def __init__(
+        self, metrics: GatewayMetrics, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self.state: TrustState | None = None
+        self._metrics = metrics
+        self._clock = clock
+        self._observed: set[str] = set()
+
+    async def reload(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self.state = await load_trust_state(connection)
+
+    def note_issued(self, serial: str, issued_at: datetime) -> None:
+        """A certificate this process just issued into a revoked scope is valid at once here
+        (other processes learn it from the NOTIFY)."""
+        if self.state is not None:
+            self.state = replace(self.state, issued_at={**self.state.issued_at, serial: issued_at})
+
+    def check(self, certificate: AgentCertificate) -> str | None:
+        """None when the edge may pass the request on; else why it must refuse.
+
+        Raises Unauthenticated when the edge forwarded no serial or issuer (a
+        configuration error at the edge: refusing is the safe answer).
+        """
+        if certificate.serial is None or certificate.issuer_dn is None:
+            raise Unauthenticated("the edge forwarded no certificate serial and issuer")
+        try:
+            serial = normal_serial(certificate.serial)
+        except ValueError as e:
+            raise Unauthenticated("the edge forwarded a malformed certificate serial") from e
+        state = self.state
+        if state is None:
+            raise Unauthenticated("gateway_auth has not loaded the revocation state yet")
+        now = self._clock()
+        refused = state.refusal(certificate.identity, serial, certificate.issuer_dn, now)
+        if refused is None:
+            self._metrics.edge_checks.labels(outcome="allowed").inc()
+            return None
+        reason, revocation = refused
+        self._metrics.edge_checks.labels(outcome="refused").inc()
+        if revocation is not None and serial not in self._observed:
+            if len(self._observed) >= MAX_OBSERVED:
+                self._observed.clear()
+            self._observed.add(serial)
+            delay = (now - revocation.revoked_at).total_seconds()
+            self._metrics.revocation_delay.labels(where="edge").observe(max(delay, 0.0))
+            log.info(
+                "first refusal of revoked certificate %s (%s) %.3f s after its revocation",
+                serial,
+                certificate.identity.spiffe_uri,
+                delay,
+            )
+        return reason
+
+
+@dataclass
+class IdentityService:
+    store: IdentityStore
+    issuing: IssuingCa
+    trust: TrustKeeper
+    metrics: GatewayMetrics
+    agent_validity: timedelta
+    _registered: set[str] = field(default_factory=set)
+
+    async def _issuing_ca(self) -> CertificateAuthority:
+        ca, _ = self.issuing.current()
+        dn = ca.certificate.subject.rfc4514_string()
+        if dn not in self._registered:
+            if await self.store.register_issuer(dn, ca.certificate_pem.decode()):
+                log.info("registered issuing CA %s", dn)
+            self._registered.add(dn)
+        return ca
+
+    async def register_issuer(self) -> None:
+        """Make sure the current issuing CA is trusted at the edge (on start, and on change)."""
+        await self._issuing_ca()
+
+    async def create_token(
+        self,
+        *,
+        customer_id: str,
+        environment_id: str,
+        agent_id: str | None,
+        ttl_s: int,
+        created_by: str,
+        request_id: str | None,
+    ) -> tuple[str, str, datetime]:
+        """(token, token id, expires_at); the token is shown once and only its hash is kept."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token_id = secrets.token_hex(8)
+        expires_at = await self.store.create_token(
+            token=token,
+            token_id=token_id,
+            customer_id=customer_id,
+            environment_id=environment_id,
+            agent_id=agent_id,
+            ttl_s=ttl_s,
+            created_by=created_by,
+            request_id=request_id,
+        )
+        return token, token_id, expires_at
+
+    def _refuse(self, problem: Exception, reason: str) -> Exception:
+        self.metrics.refusals.labels(reason=reason).inc()
+        return problem
+
+    async def _usable_token(self, token: str) -> StoredToken:
+        found = await self.store.find_token(token) if token.startswith(TOKEN_PREFIX) else None
+        if found is None:
+            raise self._refuse(
+                InvalidEnrollmentToken(
+                    "the enrollment token is unknown; ask an operator for a new one"
+                ),
+                "invalid-enrollment-token",
+            )
+        if found.used_at is not None:
+            raise self._refuse(
+                EnrollmentTokenUsed(
+                    "this enrollment token was already used; a token enrolls one agent once"
+                ),
+                "enrollment-token-used",
+            )
+        if found.expires_at <= found.now:
+            raise self._refuse(
+                EnrollmentTokenExpired(
+                    "this enrollment token expired; ask an operator for a new one"
+                ),
+                "enrollment-token-expired",
+            )
+        return found
+
+    def _checked(self, csr_pem: str, customer: str, environment: str, agent: str | None) -> Any:
+        try:
+            return check_csr(
+                csr_pem, customer_id=customer, environment_id=environment, agent_id=agent
+            )
+        except CsrRefused as refused:
+            raise self._refuse(csr_problem(refused), refused.kind) from None
+
+    async def _sign(self, identity: AgentIdentity, public_key: Any) -> IssuedAgentCertificate:
+        ca = await self._issuing_ca()
+        certificate = ca.sign_agent_key(identity, public_key, valid_for=self.agent_validity)
+        pem = certificate.public_bytes(serialization.Encoding.PEM) + ca.certificate_pem
+        return IssuedAgentCertificate(certificate, pem.decode())
+
+    async def enroll(
+        self, token: str, csr_pem: str, *, request_id: str | None
+    ) -> IssuedAgentCertificate:
+        """A certificate for the CSR's key, if the token is usable and the CSR fits it."""
+        found = await self._usable_token(token)
+        checked = self._checked(csr_pem, found.customer_id, found.environment_id, found.agent_id)
+        issued = await self._sign(checked.identity, checked.public_key)
+        recorded = await self.store.enroll(
+            token, self._record(issued, checked.identity, "enrollment"), request_id=request_id
+        )
+        if recorded is None:
+            # Used or expired between the lookup and now: say which.
+            await self._usable_token(token)
+            raise self._refuse(
+                EnrollmentTokenUsed("this enrollment token was already used"),
+                "enrollment-token-used",
+            )
+        token_id, issued_at, covered = recorded
+        if covered:
+            self.trust.note_issued(issued.serial, issued_at)
+        self.metrics.issued.labels(via="enrollment").inc()
+        log.info(
+            "enrolled %s (token %s, serial %s)",
+            checked.identity.spiffe_uri,
+            token_id,
+            issued.serial,
+        )
+        return issued
+
+    async def renew(
+        self, current: AgentCertificate, csr_pem: str, *, request_id: str | None
+    ) -> IssuedAgentCertificate:
+        """A new certificate with the same identity, for the holder of a current one."""
+        reason = self.trust.check(current)
+        if reason is not None:
+            raise self._refuse(CertificateRefused(f"{reason}; renewal refused"), "revoked")
+        identity = current.identity
+        checked = self._checked(
+            csr_pem, identity.customer_id, identity.environment_id, identity.agent_id
+        )
+        issued = await self._sign(identity, checked.public_key)
+        assert current.serial is not None  # trust.check refuses a missing serial
+        issued_at, covered = await self.store.renew(
+            self._record(issued, identity, "renewal", normal_serial(current.serial)),
+            request_id=request_id,
+        )
+        if covered:
+            self.trust.note_issued(issued.serial, issued_at)
+        self.metrics.issued.labels(via="renewal").inc()
+        return issued
+
+    @staticmethod
+    def _record(
+        issued: IssuedAgentCertificate,
+        identity: AgentIdentity,
+        via: str,
+        previous: str | None = None,
+    ) -> CertificateRecord:
+        certificate = issued.certificate
+        return CertificateRecord(
+            serial=issued.serial,
+            identity=identity,
+            issuer_dn=certificate.issuer.rfc4514_string(),
+            not_after=certificate.not_valid_after_utc,
+            via=via,
+            previous_serial=previous,
+        )

@@ -1,0 +1,82 @@
+"""Settings of the gateway_auth service, read from the environment when it starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.shared.settings import DatabaseSettings
+
+# File names inside FLEETPLANE_PKI_DIR, used when a path is not set explicitly.
+_PKI_FILES: Final = {
+    # The internal hop's server certificate: the same internal CA and names as the API's.
+    "tls_cert": "api-server.pem",
+    "tls_key": "api-server.key",
+    "edge_ca": "internal-ca.pem",
+    "issuing_ca_cert": "issuing-ca.pem",
+    "issuing_ca_key": "issuing-ca.key",
+}
+
+
+class _PkiLocation(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEETPLANE_", frozen=True, extra="ignore")
+
+    pki_dir: Path = Path(".run/pki")
+    """Folder holding the service's certificates and the issuing CA (never the root key)."""
+
+
+class GatewayAuthSettings(BaseSettings):
+    """Everything gateway_auth needs, frozen once built (``FLEETPLANE_GATEWAY_AUTH_*``).
+
+    TLS and CA paths left unset default to files in ``FLEETPLANE_PKI_DIR``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEETPLANE_GATEWAY_AUTH_", frozen=True, extra="ignore"
+    )
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+
+    host: str = "127.0.0.1"
+    """Address to listen on; only the edge should be able to reach it."""
+    port: int = Field(default=18083, ge=1, le=65535)
+    tls_cert: Path
+    """Server certificate for the edge->gateway_auth hop (internal CA)."""
+    tls_key: Path
+    edge_ca: Path
+    """CA of the edge's client certificate (the internal CA, never the agents' CA)."""
+    edge_client_cn: str = "fleetplane-edge"
+    """Subject CN of the edge's client certificate: the only peer whose headers count."""
+    issuing_ca_cert: Path
+    """The issuing CA that signs agent certificates; re-read when the file changes."""
+    issuing_ca_key: Path
+    agent_validity_s: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
+    """Lifetime of issued agent certificates (default 24 h)."""
+    token_ttl_s: int = Field(default=15 * 60, ge=30, le=24 * 3600)
+    """Default lifetime of an enrollment token."""
+    token_ttl_max_s: int = Field(default=24 * 3600, ge=30, le=7 * 24 * 3600)
+    """Longest lifetime an operator may ask for."""
+    trust_reload_s: float = Field(default=30.0, gt=0, le=3600)
+    """Full reload of revocations and issuing CAs, besides the reload on each NOTIFY."""
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    retry_after_s: int = Field(default=2, ge=1, le=3600)
+    """``Retry-After`` of 503 answers (database down)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_paths_from_pki_dir(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        missing = [name for name in _PKI_FILES if data.get(name) is None]
+        if not missing:
+            return data
+        pki_dir = _PkiLocation().pki_dir
+        return {**data, **{name: pki_dir / _PKI_FILES[name] for name in missing}}
+
+    @classmethod
+    def load(cls) -> GatewayAuthSettings:
+        """Read the environment now. Raises pydantic.ValidationError on bad values."""
+        return cls()
