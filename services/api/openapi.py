@@ -223,7 +223,11 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
 OPERATIONS_BY_NAME: Final = {operation.name: operation for operation in OPERATIONS}
 
 _PATH_PARAMETERS: Final[dict[str, tuple[Any, str]]] = {
-    "event_id": (EventId, "An event id this agent chose."),
+    "event_id": (
+        EventId,
+        "An event id this agent chose, sent as it is: the edge refuses percent-encoded "
+        "paths (403), so a ':' must not be written as %3A.",
+    ),
     "customer_id": (Identifier, "The customer; must be within the operator key's scope."),
     "environment_id": (Identifier, "One of the customer's environments."),
 }
@@ -239,7 +243,9 @@ _PROBLEMS: Final[dict[int, tuple[str, str]]] = {
     403: (
         "Forbidden",
         "Identity or listener headers from anyone but the edge, a route of the other "
-        "listener, or client-certificate headers on an operator request.",
+        "listener, or client-certificate headers on an operator request; or the edge's "
+        "firewall refused the request (on agent routes, anything outside their grammar: "
+        "a percent-encoded path, a query parameter other than wait).",
     ),
     404: (
         "NotFound",
