@@ -177,13 +177,19 @@ class World:
         return [s for s in strings if s]
 
     async def send(
-        self, caller: Caller, method: str, path: str, body: Any = None, service: str = "api"
+        self,
+        caller: Caller,
+        method: str,
+        path: str,
+        body: Any = None,
+        service: str = "api",
+        extra_headers: dict[str, str] | None = None,
     ) -> Reply:
         """One request as ``caller``: the agent with its certificate on the agent
         listener, the operator with its key on the operator listener, an enrolling
         agent on the enrollment listener."""
         stack = self.deployment.fleet.stack
-        headers = {}
+        headers = dict(extra_headers or {})
         if caller == "internal":
             port = stack.gateway_auth_port if service == GATEWAY_AUTH else stack.api_ports[0]
             url = f"https://127.0.0.1:{port}{path}"
@@ -214,6 +220,7 @@ class Request:
     method: str
     path: str
     body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -322,6 +329,24 @@ def reusing_event_id(customer: str, environment: str) -> Callable[[World], Reque
 
 def fixed(method: str, path: str) -> Callable[[World], Request]:
     return lambda world: Request(method, path)
+
+
+def spoofing(
+    build: Callable[[World], Request], customer: str, environment: str
+) -> Callable[[World], Request]:
+    """``build``'s request with the edge's identity headers naming that tenant's agent."""
+
+    def wrapped(world: World) -> Request:
+        request = build(world)
+        agent = world.tenant(customer, environment).agent.agent_id
+        headers = {
+            "X-Fleetplane-Client-DN": f"CN={agent},OU={environment},O={customer}",
+            "X-Fleetplane-Client-Verify": "SUCCESS",
+            "X-Fleetplane-Listener": "agent",
+        }
+        return Request(request.method, request.path, request.body, headers)
+
+    return wrapped
 
 
 # --- checks ---------------------------------------------------------------------------
@@ -470,6 +495,14 @@ ROWS: list[Row] = [
         refused(403)),
     Row(COMMANDS, "agent", "other-environment", "id in the query",
         fixed("GET", f"/v1/commands?wait=0&environment_id={ALPHA_OTHER}"), refused(403)),
+    # Identity headers naming the other tenant pass the WAF and reach the API, which
+    # sees only what the edge put there: the certificate's identity.
+    Row(COMMANDS, "agent", "other-customer", "identity headers naming its agent",
+        spoofing(fixed("GET", "/v1/commands?wait=0"), BRAVO, BRAVO_OTHER), own_commands_only),
+    Row(COMMANDS, "agent", "other-environment", "identity headers naming its agent",
+        spoofing(fixed("GET", "/v1/commands?wait=0"), ALPHA, ALPHA_OTHER), own_commands_only),
+    Row(GET_EVENT, "agent", "other-customer", "its event id and identity headers naming it",
+        spoofing(event_of(BRAVO, BRAVO_OTHER), BRAVO, BRAVO_OTHER), same_as_never_sent),
     Row(COMMANDS, "operator", "other-customer", "not served on the operator listener",
         fixed("GET", "/v1/commands?wait=0"), EDGE_404),
     # Operator routes: a key acts on its customer only; agents never reach them.
@@ -807,10 +840,15 @@ async def world(
 async def test_isolation(world: World, row: Row) -> None:
     request = row.request(world)
     reply = await world.send(
-        row.caller, request.method, request.path, request.body, service=row.route[0]
+        row.caller,
+        request.method,
+        request.path,
+        request.body,
+        service=row.route[0],
+        extra_headers=request.headers,
     )
     await row.check(world, request, reply)
-    sent = request.path + json.dumps(request.body)
+    sent = request.path + json.dumps(request.body) + json.dumps(request.headers)
     seen = reply.text + json.dumps(reply.headers)
     leaked = [s for s in world.foreign(row.caller) if s in seen and s not in sent]
     assert not leaked, f"{row.id}: answer carries {leaked}: {reply.status} {reply.text[:500]}"
