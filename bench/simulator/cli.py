@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a controller's /status URL (repeatable; the first that answers is used): "
         "shows which controller owns which partition, with lag and events/s",
     )
+    add(
+        "--cert-lifetime-s",
+        type=_number(float, 60),
+        default=defaults.cert_lifetime_s,
+        help="lifetime of the agents' first certificates; each renews at about 2/3 of it "
+        "(POST /v1/renew) and presents the new one from then on",
+    )
     add("--report", type=Path, help="write the final report as JSON here")
     add("--no-live", action="store_true", help="plain progress lines instead of the live screen")
     add("--seed", type=int, help="seed for jitter, delays and failures (ids stay unique)")
@@ -141,6 +148,7 @@ def config_from_args(args: argparse.Namespace, *, tty: bool) -> SimConfig:
         seed=args.seed,
         controller_metrics=tuple(args.controller_metrics),
         controller_status=tuple(args.controller_status),
+        cert_lifetime_s=float(args.cert_lifetime_s),
     )
 
 

@@ -32,6 +32,8 @@ class SimConfig:
     seed: int | None = None
     controller_metrics: tuple[str, ...] = field(default_factory=tuple)
     controller_status: tuple[str, ...] = field(default_factory=tuple)
+    cert_lifetime_s: float = 24 * 3600
+    """Lifetime of the agents' first certificates; each agent renews at about 2/3 of it."""
 
     def identities(self) -> Iterator[AgentIdentity]:
         """Yield one identity per agent: ``cust-<i>/env-<j>/agent-<k>``.

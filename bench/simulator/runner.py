@@ -12,17 +12,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, NamedTuple, TextIO
+
+from cryptography import x509
 
 from bench.simulator.agent import SimAgent
 from bench.simulator.config import SimConfig
 from bench.simulator.display import CLEAR, RecentLog, ownership_lines, progress_line, render
 from bench.simulator.ownership import partitions_by_owner, status_loop
+from bench.simulator.renewal import Renewer
 from bench.simulator.scrape import scrape_loop
 from bench.simulator.stats import Stats
 from bench.simulator.transport import HttpTransport, agent_ssl_context
-from services.gateway_auth.pki import load_issuing_ca
+from services.gateway_auth.pki import AGENT_VALIDITY, load_issuing_ca
 from services.shared.identity import AgentIdentity
 
 log = logging.getLogger(__name__)
@@ -33,9 +37,16 @@ PROGRESS_EVERY_S: Final = 5.0
 ISSUE_CHUNK: Final = 250
 
 
+class AgentTls(NamedTuple):
+    context: ssl.SSLContext
+    certificate: x509.Certificate
+
+
 def prepare_ssl_contexts(
-    pki_dir: Path, identities: Sequence[AgentIdentity]
-) -> list[ssl.SSLContext]:
+    pki_dir: Path,
+    identities: Sequence[AgentIdentity],
+    lifetime: timedelta = AGENT_VALIDITY,
+) -> list[AgentTls]:
     """One client context per identity, each with a freshly issued certificate.
 
     The certificates never outlive the call: ssl can only load a key from a file,
@@ -49,23 +60,34 @@ def prepare_ssl_contexts(
         cert, key = Path(folder) / "agent.pem", Path(folder) / "agent.key"
         key.touch(mode=0o600)
         for identity in identities:
+            # Not backdated, so the renewal at 2/3 of the lifetime falls where a
+            # short --cert-lifetime-s says.
             issued = ca.issue_agent(
-                identity.customer_id, identity.environment_id, identity.agent_id
+                identity.customer_id,
+                identity.environment_id,
+                identity.agent_id,
+                valid_for=lifetime,
+                not_before=datetime.now(UTC),
             )
             key.write_bytes(issued.private_key_pem)
             cert.write_bytes(issued.certificate_pem)
-            contexts.append(agent_ssl_context(root_ca, cert, key))
+            contexts.append(
+                AgentTls(
+                    agent_ssl_context(root_ca, cert, key),
+                    x509.load_pem_x509_certificate(issued.certificate_pem),
+                )
+            )
     return contexts
 
 
-async def issue_all(config: SimConfig, stop: asyncio.Event, out: TextIO) -> list[ssl.SSLContext]:
+async def issue_all(config: SimConfig, stop: asyncio.Event, out: TextIO) -> list[AgentTls]:
     """Contexts for every agent, made off the loop in chunks; stops early on a signal.
 
     Each context costs a few milliseconds (mostly OpenSSL), so ten thousand agents
     take tens of seconds: chunks keep Ctrl-C responsive meanwhile.
     """
     identities = list(config.identities())
-    contexts: list[ssl.SSLContext] = []
+    contexts: list[AgentTls] = []
     started = time.perf_counter()
     out.write(f"issuing {len(identities)} agent certificates...\n")
     out.flush()
@@ -73,7 +95,9 @@ async def issue_all(config: SimConfig, stop: asyncio.Event, out: TextIO) -> list
         if stop.is_set():
             break
         chunk = identities[first : first + ISSUE_CHUNK]
-        contexts += await asyncio.to_thread(prepare_ssl_contexts, config.pki_dir, chunk)
+        contexts += await asyncio.to_thread(
+            prepare_ssl_contexts, config.pki_dir, chunk, timedelta(seconds=config.cert_lifetime_s)
+        )
     out.write(f"  {len(contexts)} issued in {time.perf_counter() - started:.1f}s\n")
     out.flush()
     return contexts
@@ -133,7 +157,7 @@ async def run(
         contexts = await issue_all(config, stop, out)
         master = random.Random(config.seed)
         stats = Stats(clock(), random.Random(master.getrandbits(64)))
-        transports = [HttpTransport(config.edge_url, context) for context in contexts]
+        transports = [HttpTransport(config.edge_url, tls.context) for tls in contexts]
         agents = [
             SimAgent(identity, config, transport, stats, random.Random(master.getrandbits(64)))
             # A signal during issuance leaves fewer contexts than identities: zip stops there.
@@ -149,6 +173,18 @@ async def run(
             asyncio.create_task(_after(config.ramp_s * n / max(len(agents), 1), agent.run()))
             for n, agent in enumerate(agents)
         ]
+        renewers = [
+            Renewer(
+                agent.identity,
+                tls.certificate,
+                transport,
+                transport.use_context,
+                config.pki_dir / "root-ca.pem",
+                random.Random(master.getrandbits(64)),
+            )
+            for agent, tls, transport in zip(agents, contexts, transports, strict=False)
+        ]
+        tasks += [asyncio.create_task(renewer.run()) for renewer in renewers]
         if scrape_transport is not None and config.controller_metrics:
             tasks.append(
                 asyncio.create_task(
@@ -177,7 +213,13 @@ async def run(
         for signum in signals:
             loop.remove_signal_handler(signum)
     report = stats.snapshot(clock(), recent=False)
-    return {"stopped_by": stopped_by, "config": _config_dict(config), **report}
+    renewed = sum(renewer.renewals for renewer in renewers)
+    return {
+        "stopped_by": stopped_by,
+        "config": _config_dict(config),
+        "certificate_renewals": renewed,
+        **report,
+    }
 
 
 def _config_dict(config: SimConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ and tests pass fakes. Network failures surface as the exceptions listed in
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ NETWORK_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
 CONNECTIONS_PER_AGENT: Final = 4
 """A long poll, a POST and a status probe at once, plus one spare: a real agent
 keeps a handful of connections, not a pool."""
+RETIRE_AFTER_S: Final = 60.0
+"""After a certificate change, how long the old connections may finish their requests
+(longer than any long poll)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,12 @@ class HttpTransport:
 
     def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None) -> None:
         self._base_url = base_url.rstrip("/")
-        self._session = aiohttp.ClientSession(
+        self._session = self._new_session(ssl_context)
+        self._retired: list[aiohttp.ClientSession] = []
+
+    @staticmethod
+    def _new_session(ssl_context: ssl.SSLContext | None) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 ssl=ssl_context if ssl_context is not None else True,
                 limit=CONNECTIONS_PER_AGENT,
@@ -55,6 +64,18 @@ class HttpTransport:
             # Per-request timeouts are passed with each call; this only bounds
             # connection set-up, which a loaded edge can make slow.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
+
+    def use_context(self, ssl_context: ssl.SSLContext) -> None:
+        """Present another certificate on every new request (after a renewal).
+
+        Requests in flight finish on the old connections, which are closed after
+        RETIRE_AFTER_S (or by ``close``). Call from the running loop.
+        """
+        old, self._session = self._session, self._new_session(ssl_context)
+        self._retired.append(old)
+        asyncio.get_running_loop().call_later(
+            RETIRE_AFTER_S, lambda: asyncio.ensure_future(old.close())
         )
 
     async def request(
@@ -73,4 +94,5 @@ class HttpTransport:
             )
 
     async def close(self) -> None:
-        await self._session.close()
+        for session in [*self._retired, self._session]:
+            await session.close()

@@ -7,6 +7,7 @@ gateway_auth and the API, on the stack's PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import ssl
@@ -23,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bench.simulator.config import SimConfig
+from bench.simulator.runner import run as run_simulator
 from services.gateway_auth.issuers import retire
 from services.gateway_auth.pki import ROOT_CA, rotate_issuing_ca
 from services.shared.identity import AgentIdentity
@@ -546,3 +549,35 @@ def test_the_root_key_is_nowhere_a_running_service_reads(deployment: Deployment)
         assert not [p for p in opened if str(stack.pki_offline_dir) in p]
         environ = Path(f"/proc/{process.pid}/environ").read_bytes()
         assert str(stack.pki_offline_dir).encode() not in environ
+
+
+# --- the simulator renews like an agent -----------------------------------------------
+
+
+async def test_simulated_agents_renew_at_two_thirds_of_the_lifetime(
+    deployment: Deployment,
+) -> None:
+    deployment.start_apis()
+    stack = deployment.fleet.stack
+    config = SimConfig(
+        agents=2,
+        customers=1,
+        environments_per_customer=1,
+        edge_url=stack.edge_url,
+        pki_dir=stack.pki_dir,
+        duration_s=9.0,
+        heartbeat_s=1.0,
+        poll_wait_s=2,
+        ramp_s=0,
+        live=False,
+        seed=3,
+        # Renewal due after 4 s (+-0.3 s); the renewed certificates (24 h) are not.
+        cert_lifetime_s=6.0,
+    )
+    report = await run_simulator(config, out=io.StringIO())
+    assert report["certificate_renewals"] == 2, report
+    with db(deployment) as conn:
+        renewed = conn.execute(
+            "SELECT agent_id FROM agent_certificates WHERE via = 'renewal' ORDER BY agent_id"
+        ).fetchall()
+    assert renewed == [("agent-0",), ("agent-1",)]
