@@ -12,10 +12,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from services.api.app import create_app
-from services.api.logs import configure_logging
 from services.api.settings import ApiSettings
 from services.api.startup import DependencyTimeout, wait_for_dependencies
 from services.api.tls import server_ssl_context
+from services.shared.logs import configure_logging
 
 log = logging.getLogger("services.api")
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from services.api.keys import METRICS, REQUEST_ID
-from services.api.logs import current_request_id
+from services.shared.logs import current_request_id
 from services.shared.problems import (
     PROBLEM_CONTENT_TYPE,
     Problem,

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from services.gateway_auth.app import create_app
 from services.gateway_auth.settings import GatewayAuthSettings
+from services.shared.logs import configure_logging
 
 log = logging.getLogger("services.gateway_auth")
 
@@ -54,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=_port, help="listen on this port (overrides settings)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-        '"message":"%(message)s"}',
-    )
+    configure_logging(args.log_level.upper())
     try:
         settings = GatewayAuthSettings.load()
     except ValidationError as e:

@@ -32,6 +32,7 @@ from services.gateway_auth.service import GatewayMetrics, IdentityService, Issui
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
 from services.shared.db import create_engine
+from services.shared.logs import current_request_id
 from services.shared.notify import StateFollower
 from services.shared.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -60,6 +61,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     incoming = request.headers.get("X-Request-Id", "")
     request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
+    token = current_request_id.set(request_id)
     response: web.StreamResponse
     try:
         response = await handler(request)
@@ -86,6 +88,8 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
             500, "the server failed to handle this request; it was logged", request_id=request_id
         )
         response = _problem(500, body, None)
+    finally:
+        current_request_id.reset(token)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     method = request.method if request.method in _KNOWN_METHODS else "other"
