@@ -148,5 +148,6 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
     assert [p for p in ALL_PORTS if listening(p)] == []
     assert processes_mentioning(run_env["FLEETPLANE_RUN_DIR"]) == []
     assert processes_mentioning("services.api --port 2808") == []
+    assert processes_mentioning("services.gateway_auth --port 28083") == []
     assert processes_mentioning("services.controller --web-port 2809") == []
     assert processes_mentioning("bench.simulator") == []
