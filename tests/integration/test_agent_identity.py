@@ -293,6 +293,42 @@ async def test_renewal_keeps_the_identity_with_a_new_serial(
     assert previous == (issued["serial"], "renewal")
 
 
+async def test_rate_limits_carry_over_to_the_renewed_certificate(enroller: Enroller) -> None:
+    """The edge's limits key on the subject DN: a renewed certificate starts with the
+    old one's exhausted budget, while another agent's is untouched."""
+    agent, _, _, _ = await enroller.enrolled_agent("acme", "prod", "agent-1")
+    other, _, _, _ = await enroller.enrolled_agent("acme", "prod", "agent-2")
+    key = new_key()
+    try:
+        assert agent.session is not None
+        async with agent.session.post(
+            f"{enroller.edge_url}/v1/renew", json={"csr": make_csr(key, "agent-1")}
+        ) as reply:
+            renewed = await reply.json(content_type=None)
+            assert reply.status == 201, renewed
+        cert, key_path = write_identity(
+            enroller.out_dir, "renewed-limits", renewed["certificate_chain"], key
+        )
+        renewed_agent = AgentClient(
+            "acme", "prod", "agent-1", enroller.edge_url,
+            agent_ssl_context(enroller.pki_dir, cert, key_path),
+        ).open()  # fmt: skip
+        try:
+            # Far beyond the burst (40) with the old certificate...
+            statuses = await asyncio.gather(*(_status(agent) for _ in range(120)))
+            assert 429 in statuses
+            # ...and the new one is limited at once, while another agent is not.
+            renewed_statuses = await asyncio.gather(*(_status(renewed_agent) for _ in range(5)))
+            other_statuses = await asyncio.gather(*(_status(other) for _ in range(5)))
+        finally:
+            await renewed_agent.close()
+    finally:
+        await agent.close()
+        await other.close()
+    assert renewed_statuses.count(429) >= 4, renewed_statuses
+    assert other_statuses == [200] * 5, other_statuses
+
+
 # --- revocation -----------------------------------------------------------------------
 
 
