@@ -225,8 +225,8 @@ OPERATIONS_BY_NAME: Final = {operation.name: operation for operation in OPERATIO
 _PATH_PARAMETERS: Final[dict[str, tuple[Any, str]]] = {
     "event_id": (
         EventId,
-        "An event id this agent chose, sent as it is: the edge refuses percent-encoded "
-        "paths (403), so a ':' must not be written as %3A.",
+        "An event id this agent chose, sent as it is; a ':' may also be written as %3A. "
+        "The edge refuses any other percent-encoding in a path (403).",
     ),
     "customer_id": (Identifier, "The customer; must be within the operator key's scope."),
     "environment_id": (Identifier, "One of the customer's environments."),
@@ -245,7 +245,7 @@ _PROBLEMS: Final[dict[int, tuple[str, str]]] = {
         "Identity or listener headers from anyone but the edge, a route of the other "
         "listener, or client-certificate headers on an operator request; or the edge's "
         "firewall refused the request (on agent routes, anything outside their grammar: "
-        "a percent-encoded path, a query parameter other than wait).",
+        "percent-encoding in a path other than %3A, a query parameter other than wait).",
     ),
     404: (
         "NotFound",

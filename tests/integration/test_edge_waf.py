@@ -356,6 +356,10 @@ def test_the_agent_request_line_grammar_admits_every_agent_route() -> None:
         targets = [path] + [f"{path}?{q.name}={MAX_WAIT_S}" for q in op.query]
         for target in targets:
             assert grammar.fullmatch(f"{op.method} {target} HTTP/1.1"), (op.name, target)
-    # ... and nothing else in a query string.
+    # An event id's ':' may come percent-encoded, as URL encoders write it ...
+    assert grammar.fullmatch("GET /v1/events/ev%3A0b1c%3a17 HTTP/1.1")
+    # ... and nothing else in a query string, and no other escape in a path.
     assert not grammar.fullmatch("GET /v1/commands?wait=1&x=2 HTTP/1.1")
     assert not grammar.fullmatch("GET /v1/events/../x HTTP/1.1")
+    for escaped in ("%2e%2e", "%2F", "%3B", "%3", "%3A%00", "%253A", "%3a%2e"):
+        assert not grammar.fullmatch(f"GET /v1/events/{escaped} HTTP/1.1"), escaped
