@@ -82,12 +82,18 @@ live_pid() {
 # wait_until <what> <timeout> <pidfile> <pattern> <logfile> <command...>
 # Polls the command until it succeeds; fails early, with the log's tail, when the
 # process dies, and fails after the timeout.
+# The pid was written just now, so it cannot be a recycled one: only whether it
+# is alive counts. Its command line may not show the pattern yet (a loaded
+# machine can poll before the forked shell has exec'd the service), and
+# live_pid's pattern check would call a process that is starting dead.
 wait_until() {
     local what="$1" timeout="$2" pidfile="$3" pattern="$4" logfile="$5"
     shift 5
-    local deadline=$((SECONDS + timeout))
+    local deadline=$((SECONDS + timeout)) pid
+    pid="$(head -n1 "$pidfile" 2>/dev/null)"
+    [[ "$pid" =~ ^[0-9]+$ ]] || die "$what: no pid in $pidfile"
     until "$@"; do
-        if ! live_pid "$pidfile" "$pattern" >/dev/null; then
+        if ! alive "$pid"; then
             tail -n 30 "$logfile" >&2 || true
             die "$what: process exited during start-up (log: $logfile)"
         fi
