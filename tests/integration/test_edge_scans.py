@@ -97,7 +97,7 @@ def test_gotestwaf_against_both_waf_policies(stack: Stack, tmp_path: Path) -> No
     assert "OWASP_CRS" in error_log
 
 
-def test_tls_meets_mozilla_intermediate_on_both_listeners(
+def test_tls_meets_mozilla_intermediate_on_every_listener(
     stack: Stack, issuing_ca: CertificateAuthority, tmp_path: Path
 ) -> None:
     cert, key = write_agent_certificate(issuing_ca, tmp_path, "acme", "prod", "agent-1")
@@ -106,6 +106,7 @@ def test_tls_meets_mozilla_intermediate_on_both_listeners(
     for name, url, client in (
         ("agent", stack.edge_url, (cert, key)),
         ("operator", stack.operator_url, (None, None)),
+        ("enrollment", stack.enroll_url, (None, None)),
     ):
         target = url.removeprefix("https://")
         code, report, text = run_sslyze(
@@ -120,4 +121,4 @@ def test_tls_meets_mozilla_intermediate_on_both_listeners(
             assert protocols[f"{old}_cipher_suites"]["result"]["accepted_cipher_suites"] == []
         for current in ("tls_1_2", "tls_1_3"):
             assert protocols[f"{current}_cipher_suites"]["result"]["accepted_cipher_suites"]
-    assert results == {"agent": 0, "operator": 0}
+    assert results == {"agent": 0, "operator": 0, "enrollment": 0}
