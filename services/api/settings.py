@@ -8,7 +8,7 @@ from typing import Any, Final
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.shared.settings import DatabaseSettings, KafkaSettings
+from services.shared.settings import DatabaseSettings, KafkaSettings, with_pki_defaults
 
 MIB: Final = 1024 * 1024
 
@@ -18,15 +18,6 @@ _PKI_FILES: Final = {
     "tls_key": "api-server.key",
     "edge_ca": "internal-ca.pem",
 }
-
-
-class PkiLocation(BaseSettings):
-    """Where the project's PKI files live; shared by every service (``FLEETPLANE_PKI_DIR``)."""
-
-    model_config = SettingsConfigDict(env_prefix="FLEETPLANE_", frozen=True, extra="ignore")
-
-    pki_dir: Path = Path(".run/pki")
-    """Folder holding certificates and keys made by the project's PKI scripts."""
 
 
 class ApiSettings(BaseSettings):
@@ -93,13 +84,7 @@ class ApiSettings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _default_paths_from_pki_dir(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        missing = [name for name in _PKI_FILES if data.get(name) is None]
-        if not missing:
-            return data
-        pki_dir = PkiLocation().pki_dir
-        return {**data, **{name: pki_dir / _PKI_FILES[name] for name in missing}}
+        return with_pki_defaults(data, _PKI_FILES)
 
     @classmethod
     def load(cls) -> ApiSettings:

@@ -8,7 +8,7 @@ from typing import Any, Final
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.shared.settings import DatabaseSettings
+from services.shared.settings import DatabaseSettings, with_pki_defaults
 
 # File names inside FLEETPLANE_PKI_DIR, used when a path is not set explicitly.
 _PKI_FILES: Final = {
@@ -19,13 +19,6 @@ _PKI_FILES: Final = {
     "issuing_ca_cert": "issuing-ca.pem",
     "issuing_ca_key": "issuing-ca.key",
 }
-
-
-class _PkiLocation(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEETPLANE_", frozen=True, extra="ignore")
-
-    pki_dir: Path = Path(".run/pki")
-    """Folder holding the service's certificates and the issuing CA (never the root key)."""
 
 
 class GatewayAuthSettings(BaseSettings):
@@ -68,13 +61,7 @@ class GatewayAuthSettings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _default_paths_from_pki_dir(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        missing = [name for name in _PKI_FILES if data.get(name) is None]
-        if not missing:
-            return data
-        pki_dir = _PkiLocation().pki_dir
-        return {**data, **{name: pki_dir / _PKI_FILES[name] for name in missing}}
+        return with_pki_defaults(data, _PKI_FILES)
 
     @classmethod
     def load(cls) -> GatewayAuthSettings:

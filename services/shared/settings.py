@@ -6,12 +6,39 @@ Each service composes these into its own frozen settings object, read from
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class _Fragment(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEETPLANE_", frozen=True, extra="ignore")
+
+
+class PkiLocation(_Fragment):
+    """Where the project's PKI files live; shared by every service (``FLEETPLANE_PKI_DIR``)."""
+
+    pki_dir: Path = Path(".run/pki")
+    """Folder holding certificates and keys made by the project's PKI scripts (never the
+    root CA's key)."""
+
+
+def with_pki_defaults(data: Any, files: Mapping[str, str]) -> Any:
+    """Settings input with each path field of ``files`` left unset pointed into the PKI folder.
+
+    For a ``model_validator(mode="before")``: ``files`` maps field names to file names
+    inside ``FLEETPLANE_PKI_DIR``.
+    """
+    if not isinstance(data, dict):
+        return data
+    missing = [name for name in files if data.get(name) is None]
+    if not missing:
+        return data
+    pki_dir = PkiLocation().pki_dir
+    return {**data, **{name: pki_dir / files[name] for name in missing}}
 
 
 class DatabaseSettings(_Fragment):

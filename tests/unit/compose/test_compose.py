@@ -35,12 +35,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic_settings import BaseSettings
 
-from services.api.settings import ApiSettings, PkiLocation
+from services.api.settings import ApiSettings
 from services.api.tls import server_ssl_context
 from services.controller.settings import ControllerSettings
 from services.gateway_auth.pki import init_pki
 from services.gateway_auth.settings import GatewayAuthSettings
-from services.shared.settings import DatabaseSettings, KafkaSettings
+from services.shared.settings import DatabaseSettings, KafkaSettings, PkiLocation
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 COMPOSE_FILE: Final = REPO_ROOT / "docker-compose.yml"
