@@ -130,7 +130,7 @@ class Ownerships:
             # cancels this wait when the group rebalances again.
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_is_transient),
-                wait=wait_exponential_jitter(initial=0.1, max=self._max_backoff_s),
+                wait=wait_exponential_jitter(multiplier=0.1, max=self._max_backoff_s),
                 before_sleep=self._on_retry,
                 reraise=True,
             ):
@@ -405,7 +405,7 @@ class Applier:
         claims = {p: w.claim for p, w in work.items()}
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_is_transient),
-            wait=wait_exponential_jitter(initial=0.1, max=self._max_backoff_s),
+            wait=wait_exponential_jitter(multiplier=0.1, max=self._max_backoff_s),
             # Back-pressure lasts while we own what we are retrying.
             stop=lambda _: any(self._ownerships.get(p) != c for p, c in claims.items()),
             before_sleep=self._on_retry,
