@@ -1,35 +1,34 @@
-"""The faust agent that feeds consumed records to the apply pipeline."""
+"""The faust tasks that drive the controller: consuming events and the command timer."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
 
 import faust
 
-from services.controller.handlers import Delivered
-from services.controller.pipeline import Applier, CommandTimer
+from services.controller.consumer import PartitionConsumer
+from services.controller.pipeline import CommandTimer
+
+logger = logging.getLogger(__name__)
 
 
-def register_apply_agent(
-    app: faust.App, topic: Any, applier: Applier, *, batch_max: int, within_s: float
-) -> None:
-    # concurrency stays 1: with more, faust can commit offsets past records still
-    # in flight (faust-streaming#606), and per-partition order would be lost.
-    @app.agent(topic, name="apply-events", concurrency=1)
-    async def apply_events(stream: Any) -> None:
-        async for events in stream.take_events(batch_max, within=within_s):
-            await applier.apply(
-                [
-                    Delivered(
-                        partition=e.message.partition,
-                        offset=e.message.offset,
-                        key=e.message.key,
-                        value=e.message.value,
-                        timestamp_s=e.message.timestamp,
-                    )
-                    for e in events
-                ]
-            )
+def register_consumer(app: faust.App, consumer: PartitionConsumer) -> None:
+    """Join the group once the app has started; stop the worker if consuming fails.
+
+    Records are handled inside (poison is dead-lettered, outages are retried), so
+    what ends the loop is a fault of the process itself: the worker stops, and its
+    supervisor (Kubernetes, ``make run``) starts a fresh one, which resumes at the
+    stored offsets.
+    """
+
+    @app.task  # type: ignore[untyped-decorator]  # faust leaves task untyped
+    async def consume_events() -> None:
+        try:
+            await consumer.start()
+            await consumer.run()
+        except Exception as e:
+            logger.critical("consuming the events topic failed; stopping", exc_info=e)
+            await app.crash(e)
 
 
 def register_command_timer(app: faust.App, timer: CommandTimer, *, interval_s: float) -> None:

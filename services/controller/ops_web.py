@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import faust
-from faust.types import TP
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.controller.metrics import ControllerMetrics
@@ -88,8 +87,10 @@ def register_ops(
     ownerships: Ownerships,
     metrics: ControllerMetrics,
     pending: Callable[[], Mapping[int, tuple[int, float]]],
+    highwater: Callable[[int], int | None],
 ) -> None:
-    """``pending()``: per partition, (offset, timestamp) of the first record being applied."""
+    """``pending()``: per partition, (offset, timestamp) of the first record being applied;
+    ``highwater(p)``: the log end the consumer last fetched (None before a fetch)."""
     kafka = settings.kafka
     customers = CustomerPartitions()
 
@@ -129,13 +130,6 @@ def register_ops(
 
     exported: set[int] = set()
     stalls = StallTracker(settings.stall_warning_s, settings.instance_id)
-
-    def highwater(partition: int) -> int | None:
-        try:
-            end = app.consumer.highwater(TP(kafka.events_topic, partition))
-        except Exception:  # consumer not started or partition not assigned yet
-            return None
-        return None if end is None else int(end)
 
     @app.timer(interval=LAG_INTERVAL_S, name="partition-lag")  # type: ignore[untyped-decorator]  # faust leaves timer untyped
     async def refresh_lag() -> None:

@@ -1,25 +1,10 @@
-"""The controller's Kafka topics, as faust topics (one of three modules importing faust)."""
+"""The dead-letter topic, as a faust topic (faust's producer sends to it)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import faust
 
 from services.controller.handlers import Poison
-
-
-def events_topic(app: faust.App, name: str, partitions: int) -> Any:
-    """Agent events and operator changes; raw bytes, decoded by the handlers."""
-    return app.topic(
-        name,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=partitions,
-        internal=False,
-    )
 
 
 class TopicDeadLetters:
