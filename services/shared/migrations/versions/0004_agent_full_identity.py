@@ -19,8 +19,11 @@ key got wrong is repaired here:
   all pruned by retention keeps the row it has, or gets none (its next event then
   counts as a new boot, which also requests a resync).
 - ``previous_boots`` is filled for every agent from the boot ids of its recorded
-  events other than its current one, newest first, so a late event of a recent boot
-  is recognised right after the upgrade.
+  events first applied before its current boot, newest first, so a late event of
+  a recent boot is recognised right after the upgrade.
+
+The upgrade rebuilds both primary keys: each table is locked while its new key's
+index is built (``event_records`` holds the rows of the retention window).
 
 Events lost before the upgrade (answered 202, then taken for a duplicate of the other
 agent's event id) are not in the database; the resync request is what recovers
