@@ -44,6 +44,7 @@ from pydantic import (
     TypeAdapter,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from services.shared.identity import ID_PATTERN
 
@@ -99,7 +100,9 @@ def _storable_text(value: str) -> str:
     # pydantic has already refused unpaired surrogates (string_unicode): a Python
     # str holding one cannot be read as UTF-8.
     if "\x00" in value:
-        raise ValueError(UNSTORABLE_NUL)
+        # A custom error, not ValueError: its message is answered as it is, without
+        # pydantic's "Value error, " prefix.
+        raise PydanticCustomError("string_unstorable", UNSTORABLE_NUL)
     return value
 
 
