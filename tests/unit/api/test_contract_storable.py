@@ -19,6 +19,7 @@ from sqlalchemy import BigInteger, Integer, Text
 
 from services.api.openapi import build_openapi
 from services.api.service import parse_batch, parse_desired_state
+from services.api.settings import ApiSettings
 from services.controller.handlers import Delivered, Poison, decode
 from services.shared import schema
 from services.shared.events import (
@@ -308,6 +309,16 @@ def test_revision_beyond_its_column_is_refused(number: str) -> None:
     with pytest.raises(ValidationFailed) as caught:
         parse_desired_state(f'{{"revision": {number}, "resources": []}}'.encode())
     assert [e.field for e in caught.value.errors] == ["revision"]
+
+
+def test_the_largest_body_is_far_below_what_jsonb_and_text_hold() -> None:
+    # A jsonb string holds at most 0x0FFFFFFF bytes (54000 beyond: "string too long
+    # to represent as jsonb string"), any field 1 GB. A value's UTF-8 form is never
+    # longer than its JSON text in the body (an escape takes 6 or 12 bytes for at
+    # most 4), and a body is at most the API's largest max_body_bytes.
+    largest_body = ApiSettings.model_fields["max_body_bytes"].metadata
+    bound = next(m.le for m in largest_body if getattr(m, "le", None) is not None)
+    assert bound < 0x0FFFFFFF
 
 
 def test_jsonb_documents_hold_only_flat_strings() -> None:
