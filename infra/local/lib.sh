@@ -186,3 +186,16 @@ CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"
 # and operator listeners, a no-op upstream, the enrollment listener): the GoTestWAF probe and
 # `make bench ONLY=edge`.
 EDGE_PROBE_BASE_PORT="${FLEETPLANE_EDGE_PROBE_BASE_PORT:-18450}"
+
+# S3-compatible object storage for backups: Versity Gateway (Apache-2.0) with its
+# posix backend, built once with `go install` and cached (infra/local/s3.sh).
+VERSITYGW_VERSION="1.7.0"
+VERSITYGW_BIN="$CACHE_DIR/versitygw-$VERSITYGW_VERSION/versitygw"
+S3_PORT="${FLEETPLANE_S3_PORT:-18900}"
+S3_BUCKET="${FLEETPLANE_S3_BUCKET:-fleetplane-backups}"
+S3_ACCESS_KEY="${FLEETPLANE_S3_ACCESS_KEY:-fleetplane}"
+S3_SECRET_KEY="${FLEETPLANE_S3_SECRET_KEY:-fleetplane-secret}"
+S3_URL="${FLEETPLANE_S3_ENDPOINT:-http://127.0.0.1:$S3_PORT}"
+export FLEETPLANE_S3_PORT="$S3_PORT" FLEETPLANE_S3_BUCKET="$S3_BUCKET"
+export FLEETPLANE_S3_ACCESS_KEY="$S3_ACCESS_KEY"
+export FLEETPLANE_S3_SECRET_KEY="$S3_SECRET_KEY"

@@ -57,6 +57,7 @@ Fleetplane is running (everything on 127.0.0.1):
   API instances       $(for p in $API_PORTS; do printf 'https://127.0.0.1:%s ' "$p"; done)
   controllers         $(for p in $CONTROLLER_PORTS; do printf 'http://127.0.0.1:%s/status ' "$p"; done)
   Kafka               127.0.0.1:$KAFKA_PORT        PostgreSQL 127.0.0.1:$PG_PORT
+  S3 (backups)        $S3_URL        bucket: $S3_BUCKET
   logs                $LOG_DIR
 Try: curl -s --cacert $PKI_DIR/root-ca.pem -H "Authorization: Bearer $KEY" \\
        https://127.0.0.1:$OPERATOR_PORT/v1/operator/customers/cust-0/environments
