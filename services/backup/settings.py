@@ -42,6 +42,8 @@ class BackupSettings(BaseSettings):
     pg_bin: Path = Path("/usr/lib/postgresql/15/bin")
     """pg_dump and pg_restore of the server's major version (a newer client writes
     settings an older server refuses)."""
+    compress_level: int = Field(default=1, ge=0, le=9)
+    """pg_dump's compression (before encryption); 1 is fast and shrinks most of it."""
     age_recipient: str | None = None
     """age public key (``age1…``) that backups are encrypted to. Only this is needed
     to take backups; restore and verify need the identity."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO, Protocol
+from typing import IO, Any, Protocol
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -51,7 +51,7 @@ class Storage(Protocol):
     def check(self) -> None:
         """Raise StorageError unless the bucket answers."""
 
-    def upload(self, key: str, stream: BinaryIO) -> None:
+    def upload(self, key: str, stream: IO[bytes]) -> None:
         """Store everything read from ``stream`` (until EOF) under ``key``.
 
         The object appears only when the stream ended cleanly; an exception raised by
@@ -63,7 +63,7 @@ class Storage(Protocol):
     def get(self, key: str) -> bytes:
         """Raises NotFound when there is no such object."""
 
-    def download(self, key: str, out: BinaryIO) -> None:
+    def download(self, key: str, out: IO[bytes]) -> None:
         """Write the object to ``out`` (seekable); raises NotFound."""
 
     def list_objects(self, prefix: str) -> list[StoredObject]: ...
@@ -147,7 +147,7 @@ class S3Storage:
         except (BotoCoreError, ClientError) as e:
             raise _explain(e, "checking the bucket", self.settings) from e
 
-    def upload(self, key: str, stream: BinaryIO) -> None:
+    def upload(self, key: str, stream: IO[bytes]) -> None:
         try:
             self._client.upload_fileobj(stream, self.settings.bucket, key, Config=self._transfer)
         except (BotoCoreError, ClientError) as e:
@@ -166,7 +166,7 @@ class S3Storage:
         except (BotoCoreError, ClientError) as e:
             raise _explain(e, f"reading {key}", self.settings) from e
 
-    def download(self, key: str, out: BinaryIO) -> None:
+    def download(self, key: str, out: IO[bytes]) -> None:
         try:
             self._client.download_fileobj(self.settings.bucket, key, out, Config=self._transfer)
         except (BotoCoreError, ClientError) as e:

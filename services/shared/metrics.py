@@ -200,6 +200,39 @@ IDENTITY_REVOCATION_DELAY: Final = MetricSpec(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30),
 )
 
+# --- Backups (services/backup) --------------------------------------------------
+BACKUP_LAST_SUCCESS: Final = MetricSpec(
+    "fleetplane_backup_last_success_timestamp_seconds",
+    "gauge",
+    "seconds",
+    "Unix time the newest complete backup in the bucket finished (read from its manifest).",
+)
+BACKUP_DURATION: Final = MetricSpec(
+    "fleetplane_backup_duration_seconds",
+    "gauge",
+    "seconds",
+    "Time the newest complete backup took, from snapshot to manifest.",
+)
+BACKUP_SIZE: Final = MetricSpec(
+    "fleetplane_backup_size_bytes",
+    "gauge",
+    "bytes",
+    "Size of the newest complete backup's object (compressed and encrypted).",
+)
+BACKUP_FAILURES: Final = MetricSpec(
+    "fleetplane_backup_failures_total",
+    "counter",
+    "runs",
+    "Scheduled runs that failed, by verb (backup, verify, prune).",
+    ("verb",),
+)
+BACKUP_LAST_VERIFIED: Final = MetricSpec(
+    "fleetplane_backup_last_verified_timestamp_seconds",
+    "gauge",
+    "seconds",
+    "Unix time the newest backup that passed verification finished; alert when it is old.",
+)
+
 ALL_METRICS: Final = (
     API_REQUESTS,
     API_REQUEST_DURATION,
@@ -225,6 +258,11 @@ ALL_METRICS: Final = (
     GATEWAY_AUTH_REFUSALS,
     GATEWAY_AUTH_EDGE_CHECKS,
     IDENTITY_REVOCATION_DELAY,
+    BACKUP_LAST_SUCCESS,
+    BACKUP_DURATION,
+    BACKUP_SIZE,
+    BACKUP_FAILURES,
+    BACKUP_LAST_VERIFIED,
 )
 
 
