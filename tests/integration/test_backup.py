@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pyrage
 import pytest
+from aiokafka import AIOKafkaProducer
 from alembic import command
 from psycopg import sql
 
@@ -30,6 +31,7 @@ from tests.support.deployment import Deployment
 from tests.support.invariants import Ledger, check
 from tests.support.load import send_steadily, wait_all_applied
 from tests.support.operators import OperatorClient
+from tests.support.ownership import delete_records
 from tests.support.stack import ROOT, drop_database
 from tests.support.waiting import eventually
 
@@ -115,16 +117,18 @@ async def test_restore_drill_replays_kafka_and_keeps_every_invariant(
     )
     agent: AgentClient = agents("acme", "prod", "agent-1")
     ledger = Ledger()
-    await send_steadily(agent, ledger, batches=4, size=5)
+    await send_steadily(agent, ledger, batches=2, size=5)
     assert (await operator.set_desired("acme", "prod", 1, [WEB]))[0] == 202
     await wait_all_applied(deployment, ledger)
 
+    # The backup runs while the controller applies a steady load.
+    load = asyncio.create_task(send_steadily(agent, ledger, batches=8, size=5, pause_s=0.05))
     manifest = await asyncio.to_thread(jobs.backup, ctx)
+    await load
     assert manifest.encryption == "age"
-    assert manifest.tables["event_records"].rows == len(ledger)
 
     # After the backup: more events, a new desired state, commands the agent sees.
-    await send_steadily(agent, ledger, batches=4, size=5)
+    await send_steadily(agent, ledger, batches=2, size=5)
     web3 = {**WEB, "version": "3.0.0"}
     assert (await operator.set_desired("acme", "prod", 2, [web3]))[0] == 202
     await wait_all_applied(deployment, ledger)
@@ -151,14 +155,16 @@ async def test_restore_drill_replays_kafka_and_keeps_every_invariant(
 
     with postgres.connect(target) as conn:
         rows = conn.execute("SELECT count(*) FROM event_records").fetchone()
-    assert rows == (20,)  # what the backup held; the rest must come back from Kafka
+    # What the backup's snapshot held; the rest must come back from Kafka.
+    assert rows == (manifest.tables["event_records"].rows,)
+    assert postgres.sums_of(target)["event_records"] == manifest.tables["event_records"]
 
     deployment.start_apis()
     deployment.start_controller()
     await wait_all_applied(deployment, ledger)
     report = check(ledger, deployment.fleet.stack.admin_dsn(name))
     assert report.ok, report
-    assert report.recorded == report.accepted == 40
+    assert report.recorded == report.accepted == 60
 
     # A change after the restore reaches the agent with an epoch newer than any it saw.
     web4 = {**WEB, "version": "4.0.0"}
@@ -337,3 +343,22 @@ def test_a_backup_at_the_previous_revision_restores_into_the_current_schema(
         assert conn.execute("SELECT to_regclass('public.revocations')").fetchone() != (None,)
     assert now is not None
     assert now != old
+
+
+async def test_a_backup_older_than_kafka_retention_is_refused(
+    deployment: Deployment, ctx: jobs.Context, scratch: list[str]
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=deployment.fleet.stack.kafka_bootstrap)
+    await producer.start()
+    try:
+        for _ in range(3):
+            await producer.send_and_wait(deployment.fleet.events_topic, b"{}", partition=1)
+    finally:
+        await producer.stop()
+    await asyncio.to_thread(jobs.backup, ctx)  # no controller ran: every stored offset is 0
+    await delete_records(deployment, 1, 2)  # retention deleted two unapplied records
+    scratch.append(f"{deployment.fleet.database_name}_r")
+    target = empty_database(deployment, scratch[-1])
+    with pytest.raises(jobs.BackupFailure, match=r"older than Kafka's retention.*\[1\] stored 0"):
+        await asyncio.to_thread(restore, ctx, deployment, target)
+    assert postgres.user_tables(target) == 0
