@@ -15,7 +15,7 @@ LOGFILE="$LOG_DIR/s3.log"
 PATTERN="versitygw --port 127.0.0.1:$S3_PORT"
 
 bucket_ready() {
-    "$VENV_PYTHON" "$REPO_ROOT/infra/local/s3_ready.py" --timeout 5 2>/dev/null
+    (cd "$REPO_ROOT" && "$VENV_PYTHON" -m services.backup.bucket --timeout 5 2>/dev/null)
 }
 
 start() {
