@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from services.backup import crypto, kafka, postgres, retention
+from services.backup import crypto, identity, kafka, postgres, retention
 from services.backup.manifest import Layout, Manifest, TableSum, Verification
 from services.backup.settings import BackupSettings, S3Settings
 from services.backup.storage import NotFound, Storage
+from services.shared.identity_journal import JournalUnavailable
 from services.shared.settings import DatabaseSettings
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,8 @@ def _spool(ctx: Context) -> IO[bytes]:
 class Restored:
     manifest: Manifest
     repairs: postgres.Repairs
+    identity_changes: dict[str, int]
+    """Identity journal entries that changed the restored database, by kind."""
 
 
 def restore(
@@ -304,6 +307,7 @@ def restore(
     force: bool,
     kafka_bootstrap: str,
     events_topic: str,
+    identity_topic: str,
 ) -> Restored:
     """Restore into ``target`` and make it safe to run against the live Kafka topic."""
     manifest = find(ctx, backup_id)
@@ -324,6 +328,13 @@ def restore(
             "newer backup; if there is none, the events in those gaps are gone (see "
             "docs/runbooks/restore.md)"
         )
+    try:
+        journal = identity.read_journal(kafka_bootstrap, identity_topic)
+    except (JournalUnavailable, identity.UnknownEntry) as e:
+        raise BackupFailure(
+            f"{e}; restore needs the identity journal to bring back revocations and other "
+            "identity changes made after the backup"
+        ) from e
     if postgres.user_tables(target) and not force:
         raise BackupFailure(
             f"target database {target.database_name} is not empty; restore into an empty "
@@ -335,7 +346,8 @@ def restore(
             postgres.wipe_public_schema(target)
         _pg_restore(ctx, manifest, spool, target)
     repairs = postgres.make_safe(target, manifest.alembic_revision)
-    return Restored(manifest, repairs)
+    changes = identity.apply(target.libpq_dsn, journal)
+    return Restored(manifest, repairs, dict(changes))
 
 
 def verify(ctx: Context, backup_id: str | None) -> Verification:

@@ -15,10 +15,11 @@ def register(verbs: Any) -> None:
         help="restore a backup",
         description="Checks the object's sha256 and the key, refuses a non-empty target "
         "(unless --force) and a backup older than Kafka's retention, runs pg_restore, "
-        "upgrades the schema to the newest revision and moves the epoch and command id "
-        "sequences past anything the lost database issued. Stored offsets are kept, so "
-        "restarted controllers replay the events accepted after the backup from Kafka. "
-        "See docs/runbooks/restore.md.",
+        "upgrades the schema to the newest revision, moves the epoch and command id "
+        "sequences past anything the lost database issued, and replays the identity "
+        "journal (revocations, certificates, used tokens, CAs, operator keys). Stored "
+        "offsets are kept, so restarted controllers replay the events accepted after the "
+        "backup from Kafka. See docs/runbooks/restore.md.",
     )
     p.add_argument("--backup", default="latest", help="backup id (default: the newest)")
     p.add_argument(
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace, ctx: jobs.Context) -> int:
         force=args.force,
         kafka_bootstrap=kafka.kafka_bootstrap,
         events_topic=kafka.events_topic,
+        identity_topic=kafka.identity_topic,
     )
     r = done.repairs
     print(f"restored backup {done.manifest.backup_id} into {target.database_name}")
@@ -49,5 +51,7 @@ def run(args: argparse.Namespace, ctx: jobs.Context) -> int:
     print(f"ownership epoch sequence now at {r.epoch_sequence_value}")
     if r.commands_id_sequence_value is not None:
         print(f"commands.id sequence now at {r.commands_id_sequence_value}")
+    changed = ", ".join(f"{n} {kind}" for kind, n in sorted(done.identity_changes.items()))
+    print(f"identity changes since the backup replayed from the journal: {changed or 'none'}")
     print("next: start (or restart) the controllers; they replay Kafka from the stored offsets")
     return 0

@@ -33,6 +33,7 @@ from services.shared.edge_auth import (
     is_edge,
     operator_credentials_from_request,
 )
+from services.shared.identity_journal import JournalUnavailable
 from services.shared.operator_keys import secret_matches
 from services.shared.params import path_id, query_int
 from services.shared.problems import (
@@ -52,7 +53,15 @@ log = logging.getLogger(__name__)
 REFUSAL_HEADER: Final = "X-Fleetplane-Refusal"
 AUDIT_LIMIT_DEFAULT: Final = 100
 AUDIT_LIMIT_MAX: Final = 500
-_DATABASE_DOWN: Final = (OperationalError, InterfaceError, PoolTimeoutError, OSError)
+# The identity journal (Kafka) refusing an entry rolls the change back: the same
+# "retry later" as the database being down.
+_DATABASE_DOWN: Final = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+    OSError,
+    JournalUnavailable,
+)
 Body = TypeVar("Body", bound=BaseModel)
 
 

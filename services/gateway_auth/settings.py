@@ -8,7 +8,7 @@ from typing import Any, Final
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.shared.settings import DatabaseSettings, with_pki_defaults
+from services.shared.settings import DatabaseSettings, KafkaSettings, with_pki_defaults
 
 # File names inside FLEETPLANE_PKI_DIR, used when a path is not set explicitly.
 _PKI_FILES: Final = {
@@ -32,6 +32,8 @@ class GatewayAuthSettings(BaseSettings):
     )
 
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    """Only the identity journal's topic is used (services/shared/identity_journal.py)."""
 
     host: str = "127.0.0.1"
     """Address to listen on; only the edge should be able to reach it."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,10 +27,13 @@ from services.backup.crypto import CryptoError
 from services.backup.manifest import Layout, TableSum, Verification
 from services.backup.settings import BackupSettings, S3Settings
 from services.backup.storage import S3Storage, StorageError
+from services.gateway_auth.issuers import retire
+from services.gateway_auth.pki import rotate_issuing_ca
 from services.shared.migrate import alembic_config
-from services.shared.settings import DatabaseSettings
+from services.shared.settings import DatabaseSettings, KafkaSettings
 from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment
+from tests.support.enrollment import Enroller, make_csr, new_key
 from tests.support.invariants import Ledger, check
 from tests.support.load import send_steadily, wait_all_applied
 from tests.support.operators import OperatorClient
@@ -37,6 +43,8 @@ from tests.support.waiting import eventually
 
 AgentFactory = Any
 WEB = {"kind": "deployment", "name": "web", "version": "2.0.0"}
+PROBE = "/v1/events/ev-probe"
+"""A cheap agent route: reads one event's status (pending)."""
 
 
 @pytest.fixture
@@ -71,6 +79,7 @@ def restore(ctx: jobs.Context, deployment: Deployment, target: DatabaseSettings)
         force=False,
         kafka_bootstrap=deployment.fleet.stack.kafka_bootstrap,
         events_topic=deployment.fleet.events_topic,
+        identity_topic=deployment.fleet.identity_topic,
     )
 
 
@@ -218,6 +227,7 @@ def test_a_non_empty_target_is_refused_unless_forced(
         force=True,
         kafka_bootstrap=deployment.fleet.stack.kafka_bootstrap,
         events_topic=deployment.fleet.events_topic,
+        identity_topic=deployment.fleet.identity_topic,
     )
     # The restore's repairs move sequences, never rows.
     assert postgres.sums_of(ctx.db) == done.manifest.tables
@@ -362,3 +372,78 @@ async def test_a_backup_older_than_kafka_retention_is_refused(
     with pytest.raises(jobs.BackupFailure, match=r"older than Kafka's retention.*\[1\] stored 0"):
         await asyncio.to_thread(restore, ctx, deployment, target)
     assert postgres.user_tables(target) == 0
+
+
+@pytest.mark.timeout(150)
+async def test_identity_changes_after_the_backup_hold_after_the_restore(
+    deployment: Deployment, ctx: jobs.Context, agents: AgentFactory, tmp_path: Path
+) -> None:
+    stack = deployment.fleet.stack
+    # gateway_auth signs with a copy of the stack's issuing CA, rotated below.
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for name in ("issuing-ca.pem", "issuing-ca.key", "root-ca.pem"):
+        shutil.copy2(stack.pki_dir / name, pki / name)
+    ca_env = {
+        "FLEETPLANE_GATEWAY_AUTH_ISSUING_CA_CERT": str(pki / "issuing-ca.pem"),
+        "FLEETPLANE_GATEWAY_AUTH_ISSUING_CA_KEY": str(pki / "issuing-ca.key"),
+    }
+    deployment.start_gateway_auth(ca_env)
+    deployment.start_apis()
+    operator = OperatorClient(stack.pki_dir, deployment.operator_key("acme"), stack.operator_url)
+    enroller = Enroller(stack.pki_dir, stack.enroll_url, stack.edge_url, operator, tmp_path / "a")
+    doomed: AgentClient = agents("acme", "prod", "doomed")
+    assert (await doomed.get(PROBE))[0] == 200
+    early_token = await enroller.token("acme", "prod")
+
+    await asyncio.to_thread(jobs.backup, ctx)
+
+    # After the backup: a CA rotation (with the old CA's window closing), an agent
+    # enrolled under the new CA, a token from before the backup consumed, a revocation.
+    old_ca, new_ca = rotate_issuing_ca(pki, offline_dir=stack.pki_offline_dir)
+    rotated, _, _, _ = await enroller.enrolled_agent("acme", "prod", "rotated")
+    status, late = await enroller.enroll(early_token, make_csr(new_key(), "late"))
+    assert status == 201, late
+    body = {"environment_id": "prod", "agent_id": "doomed", "reason": "test"}
+    status, answer = await operator.request("POST", "/v1/operator/customers/acme/revocations", body)
+    assert status == 201, answer
+    kafka = KafkaSettings(
+        kafka_bootstrap=stack.kafka_bootstrap, identity_topic=deployment.fleet.identity_topic
+    )
+    dsn = stack.admin_dsn(deployment.fleet.database_name)
+    assert await asyncio.to_thread(retire, dsn, old_ca.subject.rfc4514_string(), 3600, kafka)
+
+    # Lose the database; restore the backup, which predates all of the above.
+    for process in deployment.apis.values():
+        process.stop()
+    deployment.stop_gateway_auth()
+    name = deployment.fleet.database_name
+    drop_database(stack, name)
+    target = empty_database(deployment, name)
+    done = await asyncio.to_thread(restore, ctx, deployment, target)
+    assert done.identity_changes.get("revocation") == 1
+    assert done.identity_changes.get("token_used") == 1
+
+    with postgres.connect(target) as conn:
+        revoked = conn.execute(
+            "SELECT agent_id FROM revocations WHERE customer_id = 'acme'"
+        ).fetchall()
+        used = conn.execute(
+            "SELECT used_at IS NOT NULL FROM enrollment_tokens WHERE token_sha256 = %s",
+            (hashlib.sha256(early_token.encode()).digest(),),
+        ).fetchone()
+        cas = dict(conn.execute("SELECT subject_dn, retire_at IS NOT NULL FROM issuing_cas"))
+    assert revoked == [("doomed",)]
+    assert used == (True,)
+    assert cas == {old_ca.subject.rfc4514_string(): True, new_ca.subject.rfc4514_string(): False}
+
+    deployment.start_gateway_auth(ca_env)
+    deployment.start_apis()
+    try:
+        # The revoked agent stays refused; the rotated one is accepted; the token is spent.
+        assert (await doomed.get(PROBE))[0] == 403
+        assert (await rotated.get(PROBE))[0] == 200
+        status, again = await enroller.enroll(early_token, make_csr(new_key(), "again"))
+        assert status != 201, again
+    finally:
+        await rotated.close()

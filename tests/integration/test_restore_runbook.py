@@ -52,6 +52,7 @@ def test_the_restore_runbook_restores_a_lost_database(
             "FLEETPLANE_DATABASE_PASSWORD": db.database_password.get_secret_value(),
             "FLEETPLANE_KAFKA_BOOTSTRAP": deployment.fleet.stack.kafka_bootstrap,
             "FLEETPLANE_EVENTS_TOPIC": deployment.fleet.events_topic,
+            "FLEETPLANE_IDENTITY_TOPIC": deployment.fleet.identity_topic,
             "FLEETPLANE_S3_PREFIX": s3.prefix,
             "FLEETPLANE_BACKUP_AGE_IDENTITY_FILE": str(key_file),
             "BACKUP_ID": backup_id,
