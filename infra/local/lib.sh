@@ -199,3 +199,8 @@ S3_URL="${FLEETPLANE_S3_ENDPOINT:-http://127.0.0.1:$S3_PORT}"
 export FLEETPLANE_S3_PORT="$S3_PORT" FLEETPLANE_S3_BUCKET="$S3_BUCKET"
 export FLEETPLANE_S3_ACCESS_KEY="$S3_ACCESS_KEY"
 export FLEETPLANE_S3_SECRET_KEY="$S3_SECRET_KEY"
+# The backup schedule (services.sh: python -m services.backup schedule): its
+# metrics port, and the age key its backups are encrypted to (made once; the
+# identity sits with the root CA's key, away from the running services' folder).
+BACKUP_METRICS_PORT="${FLEETPLANE_BACKUP_METRICS_PORT:-18990}"
+export FLEETPLANE_BACKUP_AGE_IDENTITY_FILE="${FLEETPLANE_BACKUP_AGE_IDENTITY_FILE:-$PKI_OFFLINE_DIR/backup-age.key}"

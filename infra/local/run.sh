@@ -37,7 +37,8 @@ bash "$HERE/setup.sh"
 bash "$HERE/stack.sh" up
 "$VENV_PYTHON" -m services.shared.topics
 "$VENV_PYTHON" -m services.shared.migrate
-bash "$HERE/services.sh" start
+# A backup every minute while the demo runs (the default schedule is hourly).
+FLEETPLANE_BACKUP_SCHEDULE="${FLEETPLANE_BACKUP_SCHEDULE:-* * * * *}" bash "$HERE/services.sh" start
 
 KEY="$("$VENV_PYTHON" -m services.gateway_auth.operator_keys create --name make-run --all-customers)"
 metrics_args=()
@@ -58,6 +59,7 @@ Fleetplane is running (everything on 127.0.0.1):
   controllers         $(for p in $CONTROLLER_PORTS; do printf 'http://127.0.0.1:%s/status ' "$p"; done)
   Kafka               127.0.0.1:$KAFKA_PORT        PostgreSQL 127.0.0.1:$PG_PORT
   S3 (backups)        $S3_URL        bucket: $S3_BUCKET
+  backups             every minute; .venv/bin/python -m services.backup list   metrics http://127.0.0.1:$BACKUP_METRICS_PORT/metrics
   logs                $LOG_DIR
 Try: curl -s --cacert $PKI_DIR/root-ca.pem -H "Authorization: Bearer $KEY" \\
        https://127.0.0.1:$OPERATOR_PORT/v1/operator/customers/cust-0/environments

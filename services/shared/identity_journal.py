@@ -75,7 +75,12 @@ class IdentityJournal:
                 ),
                 APPEND_TIMEOUT_S,
             )
-        except Exception as e:  # aiokafka's errors and the timeout alike: not durable
+        except TimeoutError as e:
+            raise JournalUnavailable(
+                f"identity journal {self.topic}: not acknowledged within {APPEND_TIMEOUT_S} s "
+                "(Kafka down, or the topic missing: python -m services.shared.topics)"
+            ) from e
+        except Exception as e:  # aiokafka's errors: not durable either
             raise JournalUnavailable(f"identity journal {self.topic}: {e!r}") from e
 
 

@@ -20,9 +20,10 @@ import pyrage
 import pytest
 from aiokafka import AIOKafkaProducer
 from alembic import command
+from prometheus_client import CollectorRegistry
 from psycopg import sql
 
-from services.backup import jobs, postgres
+from services.backup import jobs, postgres, verb_schedule
 from services.backup.crypto import CryptoError
 from services.backup.manifest import Layout, TableSum, Verification
 from services.backup.settings import BackupSettings, S3Settings
@@ -447,3 +448,28 @@ async def test_identity_changes_after_the_backup_hold_after_the_restore(
         assert status != 201, again
     finally:
         await rotated.close()
+
+
+def test_a_scheduled_cycle_backs_up_verifies_and_sets_the_metrics(ctx: jobs.Context) -> None:
+    registry = CollectorRegistry()
+    gauges = verb_schedule.Gauges(registry)
+    before = datetime.now(UTC).timestamp()
+    assert verb_schedule.cycle(ctx, gauges)
+    last_success = registry.get_sample_value("fleetplane_backup_last_success_timestamp_seconds")
+    last_verified = registry.get_sample_value("fleetplane_backup_last_verified_timestamp_seconds")
+    assert last_success is not None
+    assert last_success >= before
+    assert last_verified == last_success
+    size = registry.get_sample_value("fleetplane_backup_size_bytes")
+    assert size == jobs.listing(ctx)[0].manifest.size
+
+    # S3 unreachable: the cycle fails, counts it, and the gauges keep their values.
+    down = S3Settings(endpoint="http://127.0.0.1:1", prefix=ctx.s3.prefix, max_attempts=1)
+    broken = jobs.Context(ctx.db, ctx.settings, down, S3Storage(down))
+    assert not verb_schedule.cycle(broken, gauges)
+    failures = registry.get_sample_value("fleetplane_backup_failures_total", {"verb": "backup"})
+    assert failures == 1
+    assert (
+        registry.get_sample_value("fleetplane_backup_last_success_timestamp_seconds")
+        == last_success
+    )
