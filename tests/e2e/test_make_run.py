@@ -21,6 +21,8 @@ from typing import Final
 import psycopg
 import pytest
 
+from services.backup.settings import S3Settings
+from services.backup.storage import S3Storage, StorageError
 from tests.support.stack import ROOT
 
 PORTS = {
@@ -31,6 +33,8 @@ PORTS = {
     "FLEETPLANE_OPERATOR_PORT": 28444,
     "FLEETPLANE_ENROLL_PORT": 28445,
     "FLEETPLANE_GATEWAY_AUTH_PORT": 28083,
+    "FLEETPLANE_S3_PORT": 28900,
+    "FLEETPLANE_BACKUP_METRICS_PORT": 28990,
 }
 API_PORTS = (28081, 28082)
 CONTROLLER_PORTS = (28091, 28092)
@@ -111,7 +115,8 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
     )
     try:
         deadline = time.monotonic() + 240
-        applied = succeeded = 0
+        applied = succeeded = backups = 0
+        bucket = S3Storage(S3Settings(port=PORTS["FLEETPLANE_S3_PORT"], max_attempts=1))
         while time.monotonic() < deadline and run.poll() is None:
             try:
                 with psycopg.connect(dsn) as conn:
@@ -121,14 +126,20 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
                     ).fetchone()[0]  # type: ignore[index]
             except psycopg.Error:
                 pass  # not up yet
+            try:
+                objects = bucket.list_objects("backups/fleetplane/")
+                backups = sum(o.key.endswith("/manifest.json") for o in objects)
+            except StorageError:
+                pass  # not up yet
             shown = shown_ownership(log_path.read_text(errors="replace"))
-            if applied > 50 and succeeded > 0 and len(shown) == 2:
+            if applied > 50 and succeeded > 0 and len(shown) == 2 and backups > 0:
                 break
             time.sleep(2)
         output = log_path.read_text(errors="replace")
         assert run.poll() is None, f"make run exited early:\n{output[-3000:]}"
         assert applied > 50, f"only {applied} events applied:\n{output[-3000:]}"
         assert succeeded > 0, f"no command succeeded:\n{output[-3000:]}"
+        assert backups > 0, f"no scheduled backup landed in the bucket:\n{output[-3000:]}"
         assert "Fleetplane is running" in output
         # The live ownership view: both controllers, every partition owned once.
         shown = shown_ownership(output)
@@ -151,3 +162,4 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
     assert processes_mentioning("services.gateway_auth --port 28083") == []
     assert processes_mentioning("services.controller --web-port 2809") == []
     assert processes_mentioning("bench.simulator") == []
+    assert processes_mentioning("services.backup schedule --port 28990") == []
