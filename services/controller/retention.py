@@ -22,9 +22,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.controller.failures import is_back_pressure
 from services.controller.metrics import ControllerMetrics
 from services.controller.ownership import FencedError, check_fenced
-from services.controller.pipeline import Ownerships, _is_transient
+from services.controller.pipeline import Ownerships
 from services.shared.schema import event_records
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ async def prune_expired(
     Compares with the database's clock, which stamped ``applied_at``. Runs in the
     caller's transaction; returns the number of rows deleted.
     """
+    key_columns = [column for column in event_records.primary_key.columns]
     expired = (
-        select(event_records.c.customer_id, event_records.c.agent_id, event_records.c.event_id)
+        select(*key_columns)
         .where(
             event_records.c.partition == partition,
             event_records.c.applied_at
@@ -47,8 +49,7 @@ async def prune_expired(
         )
         .limit(limit)
     )
-    key = tuple_(event_records.c.customer_id, event_records.c.agent_id, event_records.c.event_id)
-    result = await conn.execute(delete(event_records).where(key.in_(expired)))
+    result = await conn.execute(delete(event_records).where(tuple_(*key_columns).in_(expired)))
     return int(result.rowcount)
 
 
@@ -97,7 +98,7 @@ class RecordPruner:
                     self._ownerships.release([partition])
                     break
                 except Exception as e:
-                    if not _is_transient(e):
+                    if not is_back_pressure(e):
                         raise
                     logger.warning("pruning: database unavailable (%s); next tick retries", e)
                     return total
