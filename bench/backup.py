@@ -54,12 +54,12 @@ def _fill(dsn: str, target_bytes: int) -> int:
             conn.execute(
                 "INSERT INTO event_records (customer_id, agent_id, event_id, environment_id, "
                 'event_type, boot_id, seq, status, reason, partition, "offset", epoch, '
-                "accepted_at) SELECT 'cust-' || (g % 48), 'agent-' || (g % 2400), "
-                "md5(g::text || 'event'), 'env-' || (g % 5000), "
-                "(ARRAY['heartbeat', 'observed_state', 'command_result'])[1 + g % 3], "
-                "md5((g / 1000)::text), g % 100000, 'applied', "
-                "CASE WHEN g % 50 = 0 THEN 'stale sequence ' || md5(g::text) END, g % 12, g, "
-                "1 + g % 9, now() - make_interval(secs => g % 86400) "
+                "accepted_at) SELECT 'cust-' || (g %% 48), 'agent-' || (g %% 2400), "
+                "md5(g::text || 'event'), 'env-' || (g %% 5000), "
+                "(ARRAY['heartbeat', 'observed_state', 'command_result'])[1 + g %% 3], "
+                "md5((g / 1000)::text), g %% 100000, 'applied', "
+                "CASE WHEN g %% 50 = 0 THEN 'stale sequence ' || md5(g::text) END, g %% 12, g, "
+                "1 + g %% 9, now() - make_interval(secs => g %% 86400) "
                 "FROM generate_series(%s, %s) g",
                 (start, start + CHUNK - 1),
             )
