@@ -39,6 +39,12 @@ def register(verbs: Any) -> None:
         "--port", type=int, help="metrics port (default: FLEETPLANE_BACKUP_METRICS_PORT)"
     )
     p.add_argument("--once", action="store_true", help="run one cycle now, then exit")
+    p.add_argument(
+        "--metrics-only",
+        action="store_true",
+        help="run nothing: serve the metrics read back from the bucket, refreshed every "
+        "minute (the exporter beside CronJobs that run the one-shot verbs)",
+    )
     p.set_defaults(run=run)
 
 
@@ -123,6 +129,15 @@ def run(args: argparse.Namespace, ctx: jobs.Context) -> int:
     logger.info(
         "schedule %r; metrics on http://%s:%d/metrics", expression, ctx.settings.metrics_host, port
     )
+    if args.metrics_only:
+        while not stop.wait(60):
+            try:
+                gauges.refresh(ctx)
+            except StorageError as e:
+                logger.error("reading the bucket for metrics failed: %s", e)
+        server.shutdown()
+        thread.join()
+        return 0
     times = croniter(expression, datetime.now(UTC))
     while not stop.is_set():
         due: datetime = times.get_next(datetime)
