@@ -30,7 +30,7 @@ from tests.support.stack import ROOT, FleetEnv, Stack, drop_database, prepare_te
 
 GIB = 1024**3
 # Rows per generated chunk; each chunk is one transaction.
-CHUNK = 200_000
+CHUNK = 50_000
 
 
 def _fill(dsn: str, target_bytes: int) -> int:
