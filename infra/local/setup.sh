@@ -7,6 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 APT_PACKAGES=(
     nginx libnginx-mod-http-modsecurity modsecurity-crs postgresql
     openjdk-17-jre-headless maven python3-venv curl
+    # Monitoring (infra/local/observability.sh): promtool and amtool come with them.
+    prometheus prometheus-alertmanager prometheus-postgres-exporter
 )
 
 installed() {
