@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,7 @@ async def _status_loop(settings: ControllerSettings, args: argparse.Namespace) -
         CustomerPartitions,
         collect_status,
         read_log_offsets,
+        read_record_times,
         render,
     )
     from services.shared.db import create_engine
@@ -218,6 +220,9 @@ async def _status_loop(settings: ControllerSettings, args: argparse.Namespace) -
                         customer=args.customer,
                         rate_window_s=args.rate_window,
                         customer_partitions=customers,
+                        record_times=partial(
+                            read_record_times, kafka.kafka_bootstrap, kafka.events_topic
+                        ),
                     )
             except Exception as e:
                 print(f"cannot read status: {e.__class__.__name__}: {e}", file=sys.stderr)

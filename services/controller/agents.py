@@ -25,6 +25,7 @@ def register_apply_agent(
                         offset=e.message.offset,
                         key=e.message.key,
                         value=e.message.value,
+                        timestamp_s=e.message.timestamp,
                     )
                     for e in events
                 ]

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import faust
+from aiokafka.errors import IllegalStateError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from prometheus_client import generate_latest
@@ -25,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.controller.agents import register_apply_agent, register_command_timer
 from services.controller.metrics import ControllerMetrics
 from services.controller.ops_web import register_ops
-from services.controller.pipeline import Applier, CommandTimer, Ownerships
+from services.controller.pipeline import Applier, CommandTimer, GuardedSeek, Ownerships
 from services.controller.settings import ControllerSettings
 from services.controller.topics import TopicDeadLetters, events_topic
 from services.shared.db import create_engine
@@ -50,7 +51,12 @@ class OwnershipConsumer(faust_aiokafka.Consumer):
         positions = {
             tp: claims[tp.partition].next_offset for tp in assigned if tp.partition in claims
         }
-        await self.seek_in_consumer_thread(positions)
+        try:
+            await self.seek_in_consumer_thread(positions)
+        except IllegalStateError as e:
+            # A newer rebalance took a partition away while we claimed; that
+            # rebalance seeks what it assigns, from its own claims.
+            logger.info("assignment changed while seeking to the stored offsets: %s", e)
         return positions
 
     async def seek_in_consumer_thread(self, positions: Mapping[TP, int]) -> None:
@@ -218,6 +224,9 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
         consumer = cast(OwnershipConsumer, app.consumer)
         await consumer.seek_in_consumer_thread({TP(kafka.events_topic, partition): offset})
 
+    def assigned(partition: int) -> bool:
+        return TP(kafka.events_topic, partition) in app.consumer.assignment()
+
     async def log_start(partition: int) -> int:
         tp = TP(kafka.events_topic, partition)
         return int((await app.consumer.earliest_offsets(tp))[tp])
@@ -226,7 +235,7 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
         app.engine,
         app.ownerships,
         dead_letters,
-        seek,
+        GuardedSeek(seek, assigned),
         app.metrics,
         max_backoff_s=settings.retry_max_backoff_s,
         ack_timeout_s=settings.command_ack_timeout_s,
@@ -249,7 +258,14 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
     _register_signals(app)
     _register_pages(app)
     # /status, the lag gauge and record pruning (the ops view; ops_web.py).
-    register_ops(app, settings, engine=app.engine, ownerships=app.ownerships, metrics=app.metrics)
+    register_ops(
+        app,
+        settings,
+        engine=app.engine,
+        ownerships=app.ownerships,
+        metrics=app.metrics,
+        pending=lambda: applier.pending,
+    )
     return app
 
 

@@ -58,6 +58,11 @@ class DeadLetter:
         return self._header("fleetplane-dlq-detail")
 
     @property
+    def sqlstate(self) -> str | None:
+        """PostgreSQL's error code when the database refused the record."""
+        return self._header("fleetplane-dlq-sqlstate") or None
+
+    @property
     def source_topic(self) -> str:
         return self._header("fleetplane-source-topic")
 
@@ -87,6 +92,7 @@ class DeadLetter:
             "dead_lettered_at": datetime.fromtimestamp(self.timestamp_ms / 1000, UTC).isoformat(),
             "reason": self.reason,
             "detail": self.detail,
+            "sqlstate": self.sqlstate,
             "source_topic": self.source_topic,
             "source_partition": self.source_partition,
             "source_offset": self.source_offset,

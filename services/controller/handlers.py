@@ -43,6 +43,8 @@ class Delivered:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_s: float | None = None
+    """When Kafka appended the record (its log-append or create time), in epoch seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +52,12 @@ class Poison:
     """A record that can never be applied; it goes to the dead-letter topic."""
 
     delivered: Delivered
-    reason: Literal["undecodable", "unknown_type", "invalid"]
+    reason: Literal["undecodable", "unknown_type", "invalid", "database_refused", "apply_error"]
+    """Why: the first three from decoding; ``database_refused`` when PostgreSQL refused
+    the record's values, ``apply_error`` when planning or writing it raised."""
     detail: str
+    sqlstate: str | None = None
+    """PostgreSQL's error code, for ``database_refused``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,4 +21,5 @@ class ControllerMetrics:
         self.owned_partitions = m.gauge(self.registry, m.CONTROLLER_OWNED_PARTITIONS)
         self.resync_requests = m.counter(self.registry, m.CONTROLLER_RESYNC_REQUESTS)
         self.partition_lag = m.gauge(self.registry, m.CONTROLLER_PARTITION_LAG)
+        self.oldest_pending_age = m.gauge(self.registry, m.CONTROLLER_OLDEST_PENDING_AGE)
         self.records_pruned = m.counter(self.registry, m.CONTROLLER_RECORDS_PRUNED)

@@ -13,9 +13,11 @@ first event was applied.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +28,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared.schema import environments, event_records, partition_ownership
+
+logger = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 10.0
 """Events/s is the number of events applied in this many seconds before now, divided."""
@@ -58,6 +62,67 @@ class CustomerPartitions:
                 partition = self._known[key] = partition_of(customer, partitions)
             counts[partition] += 1
         return counts
+
+
+@dataclass(slots=True)
+class _Pending:
+    offset: int
+    """The stored offset while this record waits: the partition's oldest unapplied one."""
+    since_s: float
+    warned: bool = False
+
+
+class StallTracker:
+    """The age of each held partition's oldest record that exists but is not applied.
+
+    The record at the stored offset is the oldest one not applied. Once fetched its
+    Kafka timestamp says how old it is; before that, the first moment it was seen to
+    exist (log end beyond the stored offset) is a lower bound. The age falls to 0 when
+    nothing waits, and restarts whenever the stored offset moves: a partition that
+    keeps applying never looks stalled however long its lag lasts, one that stops
+    does within one refresh. A stall past ``warn_after_s`` is logged once.
+    """
+
+    def __init__(self, warn_after_s: float, owner: str) -> None:
+        self._warn_after_s = warn_after_s
+        self._owner = owner
+        self._pending: dict[int, _Pending] = {}
+
+    def observe(
+        self,
+        topic: str,
+        partition: int,
+        next_offset: int,
+        log_end: int | None,
+        now_s: float,
+        fetched: tuple[int, float] | None = None,
+    ) -> float:
+        """The age in seconds; ``fetched`` is (offset, Kafka timestamp) of a fetched record."""
+        if log_end is None or log_end <= next_offset:
+            self._pending.pop(partition, None)
+            return 0.0
+        known = self._pending.get(partition)
+        if known is None or known.offset != next_offset:
+            known = self._pending[partition] = _Pending(next_offset, now_s)
+        if fetched is not None and fetched[0] == next_offset:
+            known.since_s = min(known.since_s, fetched[1])
+        age = max(now_s - known.since_s, 0.0)
+        if age >= self._warn_after_s and not known.warned:
+            known.warned = True
+            logger.warning(
+                "%s[%d] has not advanced for %.0f s: owner %s, stored offset %d, log end %d",
+                topic,
+                partition,
+                age,
+                self._owner,
+                next_offset,
+                log_end,
+            )
+        return age
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        for partition in partitions:
+            self._pending.pop(partition, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +178,46 @@ async def read_log_offsets(bootstrap: str, topic: str, *, timeout_s: float = 10.
     )
 
 
+async def read_record_times(
+    bootstrap: str, topic: str, positions: Mapping[int, int], *, timeout_s: float = 5.0
+) -> dict[int, float]:
+    """Kafka's timestamp (epoch seconds) of the record at each partition's given offset.
+
+    For the oldest pending record of lagging partitions. A consumer without a group
+    fetches one record per partition; partitions whose record is not there (deleted,
+    or not fetched within ``timeout_s``) are absent from the result.
+    """
+    if not positions:
+        return {}
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="none",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    found: dict[int, float] = {}
+    async with asyncio.timeout(timeout_s):
+        await consumer.start()
+    try:
+        tps = {TopicPartition(topic, p): offset for p, offset in positions.items()}
+        consumer.assign(list(tps))
+        for tp, offset in tps.items():
+            consumer.seek(tp, offset)
+        deadline = time.monotonic() + timeout_s
+        while len(found) < len(tps) and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200, max_records=len(tps))
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset == tps[tp] and record.timestamp is not None:
+                        found[tp.partition] = record.timestamp / 1000
+                consumer.pause(tp)
+    except Exception as e:  # the ages are extra detail: the status stands without them
+        logger.info("status: could not read pending record times: %r", e)
+    finally:
+        await consumer.stop()
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class PartitionStatus:
     partition: int
@@ -130,6 +235,9 @@ class PartitionStatus:
     assigned_at: datetime | None
     updated_at: datetime | None
     problem: str | None = None
+    pending_age_s: float | None = None
+    """Age of the oldest record not applied yet (the record at the stored offset), from its
+    Kafka timestamp; 0 without lag, None when it could not be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +308,7 @@ async def collect_status(
     customer: str | None = None,
     rate_window_s: float = RATE_WINDOW_S,
     customer_partitions: CustomerPartitions | None = None,
+    record_times: Callable[[Mapping[int, int]], Awaitable[Mapping[int, float]]] | None = None,
 ) -> StatusReport:
     """Join the ownership table, Kafka's offsets and the fleet tables per partition.
 
@@ -259,10 +368,33 @@ async def collect_status(
                 problem=problem,
             )
         )
+    if record_times is not None:
+        rows = await _with_pending_ages(rows, now, record_times)
     found = None
     if customer is not None:
         found = await _customer(conn, customer, rows)
     return StatusReport(topic, now, rate_window_s, rows, found)
+
+
+async def _with_pending_ages(
+    rows: list[PartitionStatus],
+    now: datetime,
+    record_times: Callable[[Mapping[int, int]], Awaitable[Mapping[int, float]]],
+) -> list[PartitionStatus]:
+    oldest = {
+        r.partition: r.log_end - r.lag for r in rows if r.lag > 0
+    }  # the stored offset, or the log start when nothing was applied yet
+    times = await record_times(oldest) if oldest else {}
+    aged = []
+    for r in rows:
+        if r.lag == 0:
+            age: float | None = 0.0
+        elif r.partition in times:
+            age = round(max(now.timestamp() - times[r.partition], 0.0), 1)
+        else:
+            age = None
+        aged.append(replace(r, pending_age_s=age))
+    return aged
 
 
 async def _customer(
@@ -285,7 +417,8 @@ def render(report: StatusReport) -> str:
         f"(last {report.rate_window_s:.0f} s), at {report.taken_at:%Y-%m-%d %H:%M:%S %Z}",
     ]
     header = (
-        "part", "owner", "epoch", "stored", "log end", "lag", "customers", "ev/s", "owned", "wrote",
+        "part", "owner", "epoch", "stored", "log end", "lag", "pending", "customers", "ev/s",
+        "owned", "wrote",
     )  # fmt: skip
     table = [header]
     for p in report.partitions:
@@ -297,6 +430,7 @@ def render(report: StatusReport) -> str:
                 "-" if p.stored_offset is None else str(p.stored_offset),
                 str(p.log_end),
                 str(p.lag),
+                "-" if p.pending_age_s is None else _seconds(p.pending_age_s),
                 str(p.customers),
                 f"{p.events_per_s:.1f}",
                 _age(report.taken_at, p.assigned_at),
@@ -322,7 +456,11 @@ def render(report: StatusReport) -> str:
 def _age(now: datetime, then: datetime | None) -> str:
     if then is None:
         return "-"
-    seconds = max(int((now - then).total_seconds()), 0)
+    return _seconds((now - then).total_seconds())
+
+
+def _seconds(age_s: float) -> str:
+    seconds = max(int(age_s), 0)
     if seconds < 120:
         return f"{seconds}s"
     if seconds < 7200:

@@ -7,6 +7,7 @@ the logic lives in ``ops.py`` and ``retention.py``, which know nothing of faust.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,7 +16,13 @@ from faust.types import TP
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.controller.metrics import ControllerMetrics
-from services.controller.ops import CustomerPartitions, collect_status, read_log_offsets
+from services.controller.ops import (
+    CustomerPartitions,
+    StallTracker,
+    collect_status,
+    read_log_offsets,
+    read_record_times,
+)
 from services.controller.ownership import Claim
 from services.controller.pipeline import Ownerships
 from services.controller.retention import RecordPruner
@@ -32,23 +39,45 @@ def update_lag(
     held: Mapping[int, Claim],
     highwater: Callable[[int], int | None],
     exported: set[int],
+    *,
+    stalls: StallTracker | None = None,
+    fetched: Mapping[int, tuple[int, float]] | None = None,
+    now_s: float | None = None,
 ) -> set[int]:
-    """Set the lag gauge of every held partition; drop partitions no longer held.
+    """Set the lag and oldest-pending-age gauges of every held partition; drop the others.
 
     ``highwater(p)`` is the log end the consumer last fetched (None before any
-    fetch). Only the owner exports a partition, so summing over controllers never
-    counts one twice. Returns the partitions now exported.
+    fetch); ``fetched`` the (offset, timestamp) of the first record of each batch
+    being applied. Only the owner exports a partition, so summing over controllers
+    never counts one twice. Returns the partitions now exported.
     """
-    now: set[int] = set()
+    now = time.time() if now_s is None else now_s
+    exporting: set[int] = set()
     for partition, claim in held.items():
         end = highwater(partition)
         if end is None:
             continue
-        metrics.partition_lag.labels(str(partition)).set(max(end - claim.next_offset, 0))
-        now.add(partition)
-    for gone in exported - now:
-        metrics.partition_lag.remove(str(gone))
-    return now
+        label = str(partition)
+        metrics.partition_lag.labels(label).set(max(end - claim.next_offset, 0))
+        if stalls is not None:
+            age = stalls.observe(
+                claim.topic,
+                partition,
+                claim.next_offset,
+                end,
+                now,
+                (fetched or {}).get(partition),
+            )
+            metrics.oldest_pending_age.labels(label).set(age)
+        exporting.add(partition)
+    gone = exported - exporting
+    for partition in gone:
+        metrics.partition_lag.remove(str(partition))
+        if stalls is not None:
+            metrics.oldest_pending_age.remove(str(partition))
+    if stalls is not None:
+        stalls.forget(gone)
+    return exporting
 
 
 def register_ops(
@@ -58,9 +87,14 @@ def register_ops(
     engine: AsyncEngine,
     ownerships: Ownerships,
     metrics: ControllerMetrics,
+    pending: Callable[[], Mapping[int, tuple[int, float]]],
 ) -> None:
+    """``pending()``: per partition, (offset, timestamp) of the first record being applied."""
     kafka = settings.kafka
     customers = CustomerPartitions()
+
+    async def record_times(positions: Mapping[int, int]) -> dict[int, float]:
+        return await read_record_times(kafka.kafka_bootstrap, kafka.events_topic, positions)
 
     @app.page("/status")
     async def status(web: Any, request: Any) -> Any:
@@ -74,6 +108,7 @@ def register_ops(
                     offsets,
                     customer=customer,
                     customer_partitions=customers,
+                    record_times=record_times,
                 )
         except Exception as e:
             logger.warning("status: %s", e, exc_info=True)
@@ -93,6 +128,7 @@ def register_ops(
         return web.json(body)
 
     exported: set[int] = set()
+    stalls = StallTracker(settings.stall_warning_s, settings.instance_id)
 
     def highwater(partition: int) -> int | None:
         try:
@@ -104,7 +140,14 @@ def register_ops(
     @app.timer(interval=LAG_INTERVAL_S, name="partition-lag")  # type: ignore[untyped-decorator]  # faust leaves timer untyped
     async def refresh_lag() -> None:
         nonlocal exported
-        exported = update_lag(metrics, ownerships.held(), highwater, exported)
+        exported = update_lag(
+            metrics,
+            ownerships.held(),
+            highwater,
+            exported,
+            stalls=stalls,
+            fetched=pending(),
+        )
 
     pruner = RecordPruner(
         engine,

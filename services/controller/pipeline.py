@@ -25,7 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from aiokafka.errors import IllegalStateError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import (
     AsyncRetrying,
@@ -34,6 +35,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from services.controller.failures import describe, is_back_pressure, sqlstate_of
 from services.controller.handlers import (
     Decoded,
     DecodedChange,
@@ -129,7 +131,7 @@ class Ownerships:
             # unavailable (the rollback undid every epoch of the failed attempt). faust
             # cancels this wait when the group rebalances again.
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_is_transient),
+                retry=retry_if_exception(is_back_pressure),
                 wait=wait_exponential_jitter(multiplier=0.1, max=self._max_backoff_s),
                 before_sleep=self._on_retry,
                 reraise=True,
@@ -223,19 +225,55 @@ class Ownerships:
 @dataclass(frozen=True, slots=True)
 class _PartitionWork:
     claim: Claim
-    records: int
-    """Records consumed, poison included."""
+    first_offset: int
+    """Where this work starts: the partition's stored offset when it was prepared."""
     decoded: list[Decoded | DecodedChange]
     next_offset: int
+    """The stored offset once this work is applied (decoding poison in between included)."""
     gap_after: bool = False
     """The batch held later records of this partition, past a gap (see _contiguous_run)."""
 
+    @property
+    def records(self) -> int:
+        """Records consumed, poison included."""
+        return self.next_offset - self.first_offset
 
-def _is_transient(error: BaseException) -> bool:
-    """Database errors that mean "unavailable", not "this batch is wrong"."""
-    if isinstance(error, OperationalError | InterfaceError | ConnectionError | TimeoutError):
-        return True
-    return isinstance(error, DBAPIError) and error.connection_invalidated
+    def split(self) -> tuple[_PartitionWork, _PartitionWork]:
+        """Two halves in offset order: the left ends where the right's first record starts.
+
+        Each half is applied in its own transaction with its own fence and offset, so
+        the left commits first and the partition's order holds. Needs two records.
+        """
+        half = len(self.decoded) // 2
+        boundary = self.decoded[half].delivered.offset
+        left = replace(self, decoded=self.decoded[:half], next_offset=boundary, gap_after=False)
+        right = replace(self, first_offset=boundary, decoded=self.decoded[half:])
+        return left, right
+
+
+class GuardedSeek:
+    """Seeks only partitions the consumer is assigned at that moment.
+
+    A rebalance can take a partition away between the decision to seek and the seek
+    itself; aiokafka then raises ``IllegalStateError`` ("No current assignment").
+    Such a seek has nothing left to do, since the new owner starts at the stored
+    offset, so it is skipped with a log line instead of crashing the apply loop.
+    """
+
+    def __init__(self, seek: Seek, assigned: Callable[[int], bool]) -> None:
+        self._seek = seek
+        self._assigned = assigned
+
+    async def __call__(self, partition: int, offset: int) -> None:
+        if not self._assigned(partition):
+            logger.info(
+                "partition %d is no longer assigned; not seeking it to %d", partition, offset
+            )
+            return
+        try:
+            await self._seek(partition, offset)
+        except IllegalStateError as e:
+            logger.info("partition %d was unassigned while seeking to %d: %s", partition, offset, e)
 
 
 class Applier:
@@ -266,6 +304,9 @@ class Applier:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self.pending: dict[int, tuple[int, float]] = {}
+        """Per partition, the offset and Kafka timestamp of the first record of the
+        batch being applied: the oldest fetched record not applied yet (stall gauge)."""
 
     async def drain(self, timeout_s: float) -> bool:
         """Apply no new batch; wait for the one in flight. False if it outlasted ``timeout_s``.
@@ -292,7 +333,12 @@ class Applier:
         One commit per batch rather than per partition: the commit's WAL flush is
         the fixed cost of a transaction, and a batch spans many partitions. Every
         partition's fence is checked inside the transaction; if one fails, the
-        whole transaction rolls back and is retried without that partition.
+        whole transaction rolls back and is retried without that partition. If the
+        database refuses the batch for its content, each partition is applied on
+        its own, split until the refused record is alone (``_isolate``).
+
+        Never raises for what the records contain; raises only what is neither
+        back-pressure nor poison (a dead-letter topic that does not acknowledge).
         """
         if self._closing:
             return  # stopping: the stored offset tells the next owner where to start
@@ -312,48 +358,130 @@ class Applier:
             if prepared is not None:
                 work[partition] = prepared
         started = time.perf_counter()
+        prepared_work = dict(work)
         while work:
             try:
                 plans = await self._apply_with_retry(work)
             except FencedError as fenced:
                 lost = work.pop(fenced.partition)
-                self._fenced(lost)
-                again = self._ownerships.get(fenced.partition)
-                if again is not None and again.next_offset == lost.claim.next_offset:
-                    # Fenced by our own newer claim: the partition came back to us in
-                    # a rebalance while this batch was prepared, and nothing was applied
-                    # in between. The records are ours to apply under the new epoch;
-                    # dropping them would make the consumer go back for them.
-                    work[fenced.partition] = replace(lost, claim=again)
-                    logger.info(
-                        "the current owner of %s[%d] is this controller (epoch %d): "
-                        "applying them now",
-                        again.topic,
-                        again.partition,
-                        again.epoch,
-                    )
+                again = self._fenced(lost)
+                if again is not None:
+                    work[fenced.partition] = again
                 continue
             except Exception as e:
-                # Back-pressure ends when a partition being retried changes hands
-                # (see _apply_with_retry); its records are the new owner's now.
-                moved = [p for p, w in work.items() if self._ownerships.get(p) != w.claim]
-                if not _is_transient(e) or not moved:
-                    raise
-                for partition in moved:
-                    lost = work.pop(partition)
-                    logger.warning(
-                        "%s[%d] changed hands while the database was unavailable; "
-                        "left %d records to the new owner",
-                        lost.claim.topic,
-                        partition,
-                        lost.records,
-                    )
+                if is_back_pressure(e):
+                    self._leave_moved(work)
+                    continue
+                logger.warning(
+                    "the database refused a batch of %d records over %d partition(s) (%s); "
+                    "applying each partition alone to isolate the record",
+                    sum(w.records for w in work.values()),
+                    len(work),
+                    describe(e),
+                )
+                for item in sorted(work.values(), key=lambda w: w.claim.partition):
+                    await self._isolate(item)
+                break
+            self._advance(work, plans)
+            break
+        self._metrics.apply_duration.observe(time.perf_counter() - started)
+        self._metrics.batch_size.observe(sum(w.records for w in prepared_work.values()))
+        for partition, item in sorted(prepared_work.items()):
+            claim = self._ownerships.get(partition)
+            self.pending.pop(partition, None)
+            if item.gap_after and claim is not None and claim.next_offset == item.next_offset:
+                await self._resume_at(partition, item.next_offset)
+
+    async def _isolate(self, item: _PartitionWork) -> None:
+        """Apply one partition's work in offset order, dead-lettering what the database refuses.
+
+        Bisection: a part the database refuses is split in two, each applied in its
+        own fenced transaction, until the refused record is alone; that record goes
+        to the dead-letter topic and its offset is stored past it. k refused records
+        among n cost about k·log2(n) extra transactions, only on this rare path.
+        """
+        partition = item.claim.partition
+        queue = [item]  # a stack: the leftmost part on top, so offsets are applied in order
+        while queue:
+            part = queue.pop()
+            try:
+                plans = await self._apply_with_retry({partition: part})
+            except FencedError:
+                again = self._fenced(part)
+                if again is None:
+                    return
+                queue = [replace(p, claim=again.claim) for p in queue]
+                queue.append(again)
                 continue
-            self._record(work, plans, time.perf_counter() - started)
-            for partition, item in sorted(work.items()):
-                if item.gap_after:
-                    await self._resume_at(partition, item.next_offset)
-            return
+            except Exception as e:
+                if is_back_pressure(e):
+                    self._leave_moved({partition: part})
+                    return
+                if len(part.decoded) > 1:
+                    left, right = part.split()
+                    queue += [right, left]
+                    continue
+                if not part.decoded:
+                    raise  # nothing of the records' left to blame: a fault of ours
+                await self._dead_letter_refused(part.decoded[0], e)
+                # The refused record is counted in the stored offset, with nothing else.
+                queue.append(replace(part, decoded=[]))
+                continue
+            self._advance({partition: part}, plans)
+
+    async def _dead_letter_refused(
+        self, refused: Decoded | DecodedChange, error: Exception
+    ) -> None:
+        delivered = refused.delivered
+        state = sqlstate_of(error)
+        from_database = isinstance(error, DBAPIError) or state is not None
+        poison = Poison(
+            delivered,
+            "database_refused" if from_database else "apply_error",
+            describe(error),
+            state,
+        )
+        if not from_database:
+            logger.error(
+                "applying %s[%d]@%d raised; dead-lettering it",
+                self._ownerships.topic,
+                delivered.partition,
+                delivered.offset,
+                exc_info=error,
+            )
+        await self._send_poison(poison)
+
+    async def _send_poison(self, poison: Poison) -> None:
+        await self._dead_letters.send(poison)
+        self._metrics.dead_letters.labels(poison.reason).inc()
+        logger.warning(
+            "dead-lettered %s[%d]@%d: %s (%s)%s",
+            self._ownerships.topic,
+            poison.delivered.partition,
+            poison.delivered.offset,
+            poison.reason,
+            poison.detail,
+            f" SQLSTATE {poison.sqlstate}" if poison.sqlstate else "",
+        )
+
+    def _leave_moved(self, work: dict[int, _PartitionWork]) -> None:
+        """Back-pressure ended because partitions changed hands: their records are the new owner's.
+
+        ``_apply_with_retry`` retries back-pressure for as long as every partition it
+        retries is still ours, so when it gives up at least one has moved.
+        """
+        moved = [p for p, w in work.items() if self._ownerships.get(p) != w.claim]
+        if not moved:
+            raise AssertionError("back-pressure retries stopped while every partition was held")
+        for partition in moved:
+            lost = work.pop(partition)
+            logger.warning(
+                "%s[%d] changed hands while the database was unavailable; "
+                "left %d records to the new owner",
+                lost.claim.topic,
+                partition,
+                lost.records,
+            )
 
     async def _prepare(self, partition: int, records: list[Delivered]) -> _PartitionWork | None:
         """The run of records to apply for one partition, poison already dead-lettered."""
@@ -369,23 +497,16 @@ class Applier:
         # Records past a gap are not applied now; the consumer has already moved
         # beyond them, so after this run it must be sent back (see _resume_at).
         gap_after = any(r.offset > run[-1].offset for r in records)
+        if run[0].timestamp_s is not None:
+            self.pending[partition] = (run[0].offset, run[0].timestamp_s)
         decoded: list[Decoded | DecodedChange] = []
         for record in run:
             result = decode(record)
             if isinstance(result, Poison):
-                await self._dead_letters.send(result)
-                self._metrics.dead_letters.labels(result.reason).inc()
-                logger.warning(
-                    "dead-lettered %s[%d]@%d: %s (%s)",
-                    self._ownerships.topic,
-                    partition,
-                    record.offset,
-                    result.reason,
-                    result.detail,
-                )
+                await self._send_poison(result)
             else:
                 decoded.append(result)
-        return _PartitionWork(claim, len(run), decoded, run[-1].offset + 1, gap_after)
+        return _PartitionWork(claim, run[0].offset, decoded, run[-1].offset + 1, gap_after)
 
     async def _resume_at(self, partition: int, next_offset: int) -> None:
         """Make the consumer deliver ``partition`` again from ``next_offset``, our stored offset.
@@ -393,7 +514,11 @@ class Applier:
         Unless Kafka no longer has that record: a position below the log start is
         reset to the log start (auto_offset_reset), so seeking back would loop, and
         going on would skip records never applied. The partition is refused instead.
+        Skipped for a partition no longer held: its new owner starts at the stored offset.
         """
+        if self._ownerships.get(partition) is None:
+            logger.info("partition %d is no longer held; not resuming it", partition)
+            return
         if self._log_start is not None:
             start = await self._log_start(partition)
             if start > next_offset:
@@ -404,7 +529,7 @@ class Applier:
     async def _apply_with_retry(self, work: dict[int, _PartitionWork]) -> dict[int, Plan]:
         claims = {p: w.claim for p, w in work.items()}
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception(is_back_pressure),
             wait=wait_exponential_jitter(multiplier=0.1, max=self._max_backoff_s),
             # Back-pressure lasts while we own what we are retrying.
             stop=lambda _: any(self._ownerships.get(p) != c for p, c in claims.items()),
@@ -415,10 +540,26 @@ class Applier:
                 return await self._transaction(work)
         raise AssertionError("unreachable: AsyncRetrying re-raises the last error")
 
-    def _fenced(self, lost: _PartitionWork) -> None:
+    def _fenced(self, lost: _PartitionWork) -> _PartitionWork | None:
+        """Account for ``lost`` being fenced; return it under our newer claim if it is ours still.
+
+        Fenced by our own newer claim: the partition came back to us in a rebalance
+        while this work was prepared, and nothing was applied in between. The records
+        are ours to apply under the new epoch; dropping them would make the consumer
+        go back for them.
+        """
         claim = lost.claim
         self._metrics.fenced_writes.inc()
         self._ownerships.release_claim(claim)
+        again = self._ownerships.get(claim.partition)
+        if again is not None and again.next_offset == lost.first_offset:
+            logger.info(
+                "the current owner of %s[%d] is this controller (epoch %d): applying them now",
+                again.topic,
+                again.partition,
+                again.epoch,
+            )
+            return replace(lost, claim=again)
         logger.warning(
             "fenced: epoch %d of %s[%d] was superseded; its %d records are the current owner's",
             claim.epoch,
@@ -426,12 +567,10 @@ class Applier:
             claim.partition,
             lost.records,
         )
+        return None
 
-    def _record(
-        self, work: dict[int, _PartitionWork], plans: dict[int, Plan], elapsed_s: float
-    ) -> None:
-        self._metrics.apply_duration.observe(elapsed_s)
-        self._metrics.batch_size.observe(sum(w.records for w in work.values()))
+    def _advance(self, work: dict[int, _PartitionWork], plans: dict[int, Plan]) -> None:
+        """Account for committed ``work``: stored offsets in memory, and what it applied."""
         for partition, item in work.items():
             self._ownerships.advance(partition, item.next_offset)
             plan = plans[partition]
@@ -583,7 +722,7 @@ class CommandTimer:
                 self._ownerships.release_claim(claim)
                 continue
             except Exception as e:
-                if not _is_transient(e):
+                if not is_back_pressure(e):
                     raise
                 logger.warning("command timer: database unavailable (%s); next tick retries", e)
                 return

@@ -22,9 +22,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.controller.failures import is_back_pressure
 from services.controller.metrics import ControllerMetrics
 from services.controller.ownership import FencedError, check_fenced
-from services.controller.pipeline import Ownerships, _is_transient
+from services.controller.pipeline import Ownerships
 from services.shared.schema import event_records
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class RecordPruner:
                     self._ownerships.release([partition])
                     break
                 except Exception as e:
-                    if not _is_transient(e):
+                    if not is_back_pressure(e):
                         raise
                     logger.warning("pruning: database unavailable (%s); next tick retries", e)
                     return total

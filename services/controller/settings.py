@@ -70,6 +70,10 @@ class ControllerSettings(BaseSettings):
     """How long an offered command may go without a result before it is offered again."""
     command_max_attempts: int = Field(default=5, ge=1, le=100)
     """Offers before a command without result is marked timed_out."""
+    stall_warning_s: float = Field(default=60.0, gt=0, le=86_400)
+    """A held partition whose oldest pending record is older than this is logged once as
+    stalled, with its owner and offset (the gauge fleetplane_controller_oldest_pending_age_seconds
+    shows it all along)."""
     command_timer_interval_s: float = Field(default=1.0, gt=0, le=60)
     startup_timeout_s: float = Field(default=60.0, gt=0)
     """How long to wait for Kafka and PostgreSQL at start before giving up."""

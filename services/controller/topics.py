@@ -31,16 +31,15 @@ class TopicDeadLetters:
 
     async def send(self, poison: Poison) -> None:
         record = poison.delivered
-        pending = await self._topic.send(
-            key=record.key,
-            value=record.value or b"",
-            headers={
-                "fleetplane-dlq-reason": poison.reason.encode(),
-                "fleetplane-dlq-detail": poison.detail.encode()[:1024],
-                "fleetplane-source-topic": self._source_topic.encode(),
-                "fleetplane-source-partition": str(record.partition).encode(),
-                "fleetplane-source-offset": str(record.offset).encode(),
-            },
-        )
+        headers = {
+            "fleetplane-dlq-reason": poison.reason.encode(),
+            "fleetplane-dlq-detail": poison.detail.encode()[:1024],
+            "fleetplane-source-topic": self._source_topic.encode(),
+            "fleetplane-source-partition": str(record.partition).encode(),
+            "fleetplane-source-offset": str(record.offset).encode(),
+        }
+        if poison.sqlstate is not None:
+            headers["fleetplane-dlq-sqlstate"] = poison.sqlstate.encode()
+        pending = await self._topic.send(key=record.key, value=record.value or b"", headers=headers)
         # The offset that covers this record is stored only after the broker has it.
         await pending

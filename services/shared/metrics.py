@@ -144,6 +144,16 @@ CONTROLLER_PARTITION_LAG: Final = MetricSpec(
     "stored next offset, by partition. Only the owner exports a partition.",
     ("partition",),
 )
+CONTROLLER_OLDEST_PENDING_AGE: Final = MetricSpec(
+    "fleetplane_controller_oldest_pending_age_seconds",
+    "gauge",
+    "seconds",
+    "Age of the oldest record of an owned partition that exists (log end beyond the "
+    "stored offset) but is not applied: its Kafka timestamp once fetched, else since it "
+    "was first seen pending; 0 when nothing waits. Rises without bound on a stall. "
+    "Only the owner exports a partition.",
+    ("partition",),
+)
 CONTROLLER_RECORDS_PRUNED: Final = MetricSpec(
     "fleetplane_controller_records_pruned_total",
     "counter",
@@ -218,6 +228,7 @@ ALL_METRICS: Final = (
     CONTROLLER_OWNED_PARTITIONS,
     CONTROLLER_RESYNC_REQUESTS,
     CONTROLLER_PARTITION_LAG,
+    CONTROLLER_OLDEST_PENDING_AGE,
     CONTROLLER_RECORDS_PRUNED,
     CONTROLLER_REFUSED_PARTITIONS,
     GATEWAY_AUTH_REQUESTS,
