@@ -4,20 +4,23 @@ Real API, gateway_auth and controller processes on the test stack; Prometheus
 scrapes them every second and Alertmanager posts to a webhook in the test.
 Every controller stopped for longer than the no-owner alert's ``for:`` pages,
 and the page resolves once controllers are back; a single ``kill -9`` with fast
-failover pages no one.
+failover pages no one. A partition whose owner is up but cannot apply (a row
+lock the test holds on its offset) pages as stalled, and resolves when it moves.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Final
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 import yaml
 
 from tests.support import ownership as own
+from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment
 from tests.support.monitoring import Monitoring, Notification, WebhookReceiver
 from tests.support.processes import ServiceProcess
@@ -27,6 +30,7 @@ from tests.support.waiting import eventually
 pytestmark = pytest.mark.timeout(300)
 
 NO_OWNER: Final = "FleetplanePartitionWithoutOwner"
+STALLED: Final = "FleetplanePartitionStalled"
 # c1 and c2 first, then c3 and c4 after every controller was stopped.
 CONTROLLERS_EVER: Final = 4
 
@@ -139,3 +143,60 @@ async def test_no_owner_pages_and_resolves_and_a_kill9_pages_no_one(
     assert {n.receiver for n in receiver.notifications} == {"page"}
     assert set().union(*(n.names() for n in receiver.notifications)) == {NO_OWNER}
     assert min(n.received_at for n in receiver.notifications) >= stopped_at + for_s
+
+
+async def test_a_stalled_partition_pages_and_resolves_when_it_moves_again(
+    deployment: Deployment,
+    monitoring: Monitoring,
+    receiver: WebhookReceiver,
+    agents: Callable[[str, str, str], AgentClient],
+) -> None:
+    deployment.start_apis()
+    deployment.start_controller("c1")
+    partitions = deployment.fleet.partitions
+    await eventually(
+        lambda: monitoring.value("count(fleetplane_controller_partition_lag)"),
+        lambda v: v == partitions,
+        timeout_s=60,
+        what="every partition owned",
+    )
+    customer = "cust-stall"
+    stalled = own.partition_for(customer, partitions)
+    agent = agents(customer, "env-1", "agent-1")
+
+    # The owner stays up and keeps its partitions, but cannot store the offset of
+    # the stalled partition: the test holds that row's lock.
+    dsn = deployment.fleet.stack.admin_dsn(deployment.fleet.database_name)
+    with psycopg.connect(dsn) as lock:
+        lock.execute(
+            "SELECT 1 FROM partition_ownership WHERE topic = %s AND partition = %s FOR UPDATE",
+            (deployment.fleet.events_topic, stalled),
+        )
+        status, body = await agent.post_events([agent.heartbeat()])
+        assert status == 202, body
+        accepted_at = time.monotonic()
+
+        async def stall_pages() -> list[Notification]:
+            return receiver.received("page", STALLED, "firing")
+
+        await eventually(
+            stall_pages, bool, timeout_s=120, interval_s=0.5, what="the stalled-partition page"
+        )
+        page = receiver.received("page", STALLED, "firing")[0]
+        print(f"accepted to the stalled-partition page: {page.received_at - accepted_at:.1f} s")
+        assert [a["labels"]["partition"] for a in page.alerts] == [str(stalled)]
+        lock.rollback()
+
+    async def resolved() -> list[Notification]:
+        return [n for n in receiver.notifications if n.status == "resolved"]
+
+    released_at = time.monotonic()
+    await eventually(resolved, bool, timeout_s=30, interval_s=0.5, what="the stall resolved")
+    print(f"lock released to the page resolved: {time.monotonic() - released_at:.1f} s")
+    assert (
+        await monitoring.value(
+            f'fleetplane_controller_oldest_pending_age_seconds{{partition="{stalled}"}}'
+        )
+        == 0
+    )
+    assert set().union(*(n.names() for n in receiver.notifications)) == {STALLED}
