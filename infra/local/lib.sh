@@ -187,10 +187,11 @@ CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"
 # `make bench ONLY=edge`.
 EDGE_PROBE_BASE_PORT="${FLEETPLANE_EDGE_PROBE_BASE_PORT:-18450}"
 
-# Monitoring (infra/local/observability.sh): Prometheus, Alertmanager and the
-# PostgreSQL exporter, from Debian's packages, on 127.0.0.1. Alertmanager's
+# Monitoring (infra/local/observability.sh): Prometheus, Alertmanager, the
+# PostgreSQL exporter and mtail (the edge's access log), from Debian's packages, on 127.0.0.1. Alertmanager's
 # default is 19094, not its usual 9093 shape, because 19093 is Kafka's controller.
 PROMETHEUS_PORT="${FLEETPLANE_PROMETHEUS_PORT:-19090}"
 ALERTMANAGER_PORT="${FLEETPLANE_ALERTMANAGER_PORT:-19094}"
 POSTGRES_EXPORTER_PORT="${FLEETPLANE_POSTGRES_EXPORTER_PORT:-19187}"
+EDGE_EXPORTER_PORT="${FLEETPLANE_EDGE_EXPORTER_PORT:-19903}"
 OBSERVABILITY_DIR="${FLEETPLANE_OBSERVABILITY_DIR:-$RUN_DIR/observability}"

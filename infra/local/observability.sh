@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prometheus, Alertmanager and the PostgreSQL exporter (Debian's packages) on 127.0.0.1,
+# Prometheus, Alertmanager, the PostgreSQL exporter and mtail over the edge's access
+# log (Debian's packages) on 127.0.0.1,
 # scraping every Fleetplane service; configs rendered from infra/observability/.
 # Usage: observability.sh start|stop|status|targets
 #
@@ -24,9 +25,12 @@ AM_CONFIG="$OBSERVABILITY_DIR/alertmanager.yml"
 PROM_BIN="${FLEETPLANE_PROMETHEUS_BIN:-/usr/bin/prometheus}"
 AM_BIN="${FLEETPLANE_ALERTMANAGER_BIN:-/usr/bin/prometheus-alertmanager}"
 PGX_BIN="${FLEETPLANE_POSTGRES_EXPORTER_BIN:-/usr/bin/prometheus-postgres-exporter}"
+MTAIL_BIN="${FLEETPLANE_MTAIL_BIN:-/usr/bin/mtail}"
+EDGE_ACCESS_LOG="$RUN_DIR/nginx/logs/access.log"
 PROM_PATTERN="$PROM_BIN --config.file=$PROM_CONFIG"
 AM_PATTERN="$AM_BIN --config.file=$AM_CONFIG"
 PGX_PATTERN="$PGX_BIN --web.listen-address=127.0.0.1:$POSTGRES_EXPORTER_PORT"
+MTAIL_PATTERN="$MTAIL_BIN --progs $CONFIG_DIR/mtail --port $EDGE_EXPORTER_PORT"
 
 # One file_sd file per job: a JSON list with one target group.
 write_targets_file() {
@@ -46,6 +50,7 @@ write_targets() {
     write_targets_file fleetplane-gateway-auth "$GATEWAY_AUTH_PORT"
     write_targets_file fleetplane-controller "$CONTROLLER_PORTS"
     write_targets_file postgres "$POSTGRES_EXPORTER_PORT"
+    write_targets_file edge "$EDGE_EXPORTER_PORT"
 }
 
 render() {
@@ -87,7 +92,7 @@ launch() {
 
 start() {
     local bin
-    for bin in "$PROM_BIN" "$AM_BIN" "$PGX_BIN"; do
+    for bin in "$PROM_BIN" "$AM_BIN" "$PGX_BIN" "$MTAIL_BIN"; do
         [[ -x "$bin" ]] || die "observability: $bin missing; run infra/local/setup.sh"
     done
     mkdir -p "$OBS_PIDS" "$OBS_LOGS" "$OBSERVABILITY_DIR/prometheus-data" "$OBSERVABILITY_DIR/alertmanager-data"
@@ -98,6 +103,13 @@ start() {
         launch postgres-exporter "$OBS_PIDS/postgres-exporter.pid" "$PGX_PATTERN" \
         "$POSTGRES_EXPORTER_PORT" /metrics \
         "$PGX_BIN" "--web.listen-address=127.0.0.1:$POSTGRES_EXPORTER_PORT"
+    # mtail follows the edge's access log (also across nginx's reopen on rotation);
+    # the file may not exist yet when nginx has not started: it is created empty.
+    mkdir -p "$(dirname "$EDGE_ACCESS_LOG")"
+    touch "$EDGE_ACCESS_LOG"
+    launch edge-exporter "$OBS_PIDS/edge-exporter.pid" "$MTAIL_PATTERN" "$EDGE_EXPORTER_PORT" /metrics \
+        "$MTAIL_BIN" --progs "$CONFIG_DIR/mtail" --port "$EDGE_EXPORTER_PORT" --address 127.0.0.1 \
+        --logs "$EDGE_ACCESS_LOG" --emit_prog_label=false --logtostderr
     # An empty cluster address turns gossip off: one Alertmanager, no extra port.
     launch alertmanager "$OBS_PIDS/alertmanager.pid" "$AM_PATTERN" "$ALERTMANAGER_PORT" /-/ready \
         "$AM_BIN" "--config.file=$AM_CONFIG" "--storage.path=$OBSERVABILITY_DIR/alertmanager-data" \
@@ -113,6 +125,7 @@ stop() {
     stop_pid prometheus "$OBS_PIDS/prometheus.pid" "$PROM_PATTERN"
     stop_pid alertmanager "$OBS_PIDS/alertmanager.pid" "$AM_PATTERN"
     stop_pid postgres-exporter "$OBS_PIDS/postgres-exporter.pid" "$PGX_PATTERN"
+    stop_pid edge-exporter "$OBS_PIDS/edge-exporter.pid" "$MTAIL_PATTERN"
 }
 
 status() {
@@ -120,6 +133,7 @@ status() {
     status_line prometheus "$OBS_PIDS/prometheus.pid" "$PROM_PATTERN" "$PROMETHEUS_PORT" || rc=1
     status_line alertmanager "$OBS_PIDS/alertmanager.pid" "$AM_PATTERN" "$ALERTMANAGER_PORT" || rc=1
     status_line postgres-exporter "$OBS_PIDS/postgres-exporter.pid" "$PGX_PATTERN" "$POSTGRES_EXPORTER_PORT" || rc=1
+    status_line edge-exporter "$OBS_PIDS/edge-exporter.pid" "$MTAIL_PATTERN" "$EDGE_EXPORTER_PORT" || rc=1
     return "$rc"
 }
 

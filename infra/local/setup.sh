@@ -8,7 +8,7 @@ APT_PACKAGES=(
     nginx libnginx-mod-http-modsecurity modsecurity-crs postgresql
     openjdk-17-jre-headless maven python3-venv curl
     # Monitoring (infra/local/observability.sh): promtool and amtool come with them.
-    prometheus prometheus-alertmanager prometheus-postgres-exporter
+    prometheus prometheus-alertmanager prometheus-postgres-exporter mtail
 )
 
 installed() {

@@ -36,6 +36,7 @@ PORTS = {
     "FLEETPLANE_PROMETHEUS_PORT": 29090,
     "FLEETPLANE_ALERTMANAGER_PORT": 29094,
     "FLEETPLANE_POSTGRES_EXPORTER_PORT": 29187,
+    "FLEETPLANE_EDGE_EXPORTER_PORT": 29903,
 }
 API_PORTS = (28081, 28082)
 CONTROLLER_PORTS = (28091, 28092)
@@ -162,6 +163,7 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
             "fleetplane-gateway-auth": ["up"],
             "fleetplane-controller": ["up", "up"],
             "postgres": ["up"],
+            "edge": ["up"],
             "prometheus": ["up"],
             "alertmanager": ["up"],
         }
