@@ -210,6 +210,16 @@ IDENTITY_REVOCATION_DELAY: Final = MetricSpec(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30),
 )
 
+CERTIFICATE_EXPIRY: Final = MetricSpec(
+    "fleetplane_certificate_expiry_timestamp_seconds",
+    "gauge",
+    "seconds",
+    "Unix time a certificate of the platform's PKI stops being valid (its notAfter), by "
+    "certificate: edge-server, internal-server, internal-ca, issuing-ca, root-ca. "
+    "Exported by gateway_auth, read from the PKI folder at each scrape.",
+    ("certificate",),
+)
+
 ALL_METRICS: Final = (
     API_REQUESTS,
     API_REQUEST_DURATION,
@@ -236,6 +246,7 @@ ALL_METRICS: Final = (
     GATEWAY_AUTH_REFUSALS,
     GATEWAY_AUTH_EDGE_CHECKS,
     IDENTITY_REVOCATION_DELAY,
+    CERTIFICATE_EXPIRY,
 )
 
 
