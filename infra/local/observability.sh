@@ -51,6 +51,7 @@ write_targets() {
     write_targets_file fleetplane-controller "$CONTROLLER_PORTS"
     write_targets_file postgres "$POSTGRES_EXPORTER_PORT"
     write_targets_file edge "$EDGE_EXPORTER_PORT"
+    write_targets_file kafka "$KAFKA_METRICS_PORT"
 }
 
 render() {

@@ -37,6 +37,7 @@ PORTS = {
     "FLEETPLANE_ALERTMANAGER_PORT": 29094,
     "FLEETPLANE_POSTGRES_EXPORTER_PORT": 29187,
     "FLEETPLANE_EDGE_EXPORTER_PORT": 29903,
+    "FLEETPLANE_KAFKA_METRICS_PORT": 29095,
 }
 API_PORTS = (28081, 28082)
 CONTROLLER_PORTS = (28091, 28092)
@@ -164,6 +165,7 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
             "fleetplane-controller": ["up", "up"],
             "postgres": ["up"],
             "edge": ["up"],
+            "kafka": ["up"],
             "prometheus": ["up"],
             "alertmanager": ["up"],
         }
