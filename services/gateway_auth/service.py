@@ -51,6 +51,7 @@ class GatewayMetrics:
     edge_checks: Counter
     revocation_delay: Histogram
     certificate_expiry: Gauge
+    request_duration: Histogram
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -63,6 +64,7 @@ class GatewayMetrics:
             edge_checks=specs.counter(registry, specs.GATEWAY_AUTH_EDGE_CHECKS),
             revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
             certificate_expiry=specs.gauge(registry, specs.CERTIFICATE_EXPIRY),
+            request_duration=specs.histogram(registry, specs.GATEWAY_AUTH_REQUEST_DURATION),
         )
 
 

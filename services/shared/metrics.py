@@ -220,6 +220,22 @@ CERTIFICATE_EXPIRY: Final = MetricSpec(
     ("certificate",),
 )
 
+CONTROLLER_ACCEPT_TO_APPLIED: Final = MetricSpec(
+    "fleetplane_controller_accept_to_applied_seconds",
+    "histogram",
+    "seconds",
+    "Time from the API's accepted_at stamp on an agent event to the commit of the "
+    "transaction that applied (or rejected) it, observed once per event after the commit.",
+)
+GATEWAY_AUTH_REQUEST_DURATION: Final = MetricSpec(
+    "fleetplane_gateway_auth_request_duration_seconds",
+    "histogram",
+    "seconds",
+    "Time from request received to response ready in gateway_auth (the edge's per-request "
+    "check included), by route template and method.",
+    ("route", "method"),
+)
+
 ALL_METRICS: Final = (
     API_REQUESTS,
     API_REQUEST_DURATION,
@@ -247,6 +263,8 @@ ALL_METRICS: Final = (
     GATEWAY_AUTH_EDGE_CHECKS,
     IDENTITY_REVOCATION_DELAY,
     CERTIFICATE_EXPIRY,
+    CONTROLLER_ACCEPT_TO_APPLIED,
+    GATEWAY_AUTH_REQUEST_DURATION,
 )
 
 
