@@ -11,7 +11,7 @@ lock the test holds on its offset) pages as stalled, and resolves when it moves.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -31,8 +31,6 @@ pytestmark = pytest.mark.timeout(300)
 
 NO_OWNER: Final = "FleetplanePartitionWithoutOwner"
 STALLED: Final = "FleetplanePartitionStalled"
-# c1 and c2 first, then c3 and c4 after every controller was stopped.
-CONTROLLERS_EVER: Final = 4
 
 
 def rule_for_seconds(alertname: str) -> float:
@@ -50,22 +48,6 @@ def port_of(process: ServiceProcess) -> int:
     port = urlsplit(process.health_url).port
     assert port is not None
     return port
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[WebhookReceiver]:
-    webhook = await WebhookReceiver().start()
-    yield webhook
-    await webhook.close()
-
-
-@pytest.fixture
-def monitoring(deployment: Deployment, receiver: WebhookReceiver) -> Iterator[Monitoring]:
-    base = deployment.fleet.stack.controller_base_port
-    ports = range(base, base + CONTROLLERS_EVER)
-    started = Monitoring(deployment.fleet.stack, deployment.fleet.name, ports, receiver.url)
-    yield started.start()
-    started.stop()
 
 
 async def test_no_owner_pages_and_resolves_and_a_kill9_pages_no_one(
