@@ -7,6 +7,7 @@ packages (infra/local/setup.sh installs them).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -182,3 +183,21 @@ def test_prometheus_config_is_valid(tmp_path: Path) -> None:
     )
     result = run(tool("promtool"), "check", "config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_provisions_every_dashboard_into_grafana() -> None:
+    """The optional profile mounts the dashboards where its provider reads them."""
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    grafana = compose["services"]["grafana"]
+    assert grafana["profiles"] == ["monitoring"]
+    mounts = dict(v.removesuffix(":ro").split(":", 1) for v in grafana["volumes"])
+    provider = yaml.safe_load(
+        (REPO_ROOT / "infra/compose/grafana/provisioning/dashboards/fleetplane.yml").read_text()
+    )["providers"][0]
+    assert mounts["./infra/observability/dashboards"] == provider["options"]["path"]
+    assert mounts["./infra/compose/grafana/provisioning"] == "/etc/grafana/provisioning"
+    dashboards = [json.loads(p.read_text()) for p in (OBSERVABILITY / "dashboards").glob("*.json")]
+    assert len({d["uid"] for d in dashboards}) == len(dashboards) == 2
+    for dashboard in dashboards:
+        names = [v["name"] for v in dashboard["templating"]["list"]]
+        assert names[0] == "datasource", dashboard["uid"]
