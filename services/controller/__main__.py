@@ -261,7 +261,8 @@ def _inspect(args: argparse.Namespace) -> int:
             print(json.dumps(letter.to_json()))
             continue
         print(
-            f"{letter.partition}:{letter.offset}  {letter.reason}  from "
+            f"{letter.partition}:{letter.offset}  {letter.reason}"
+            f"{f' (SQLSTATE {letter.sqlstate})' if letter.sqlstate else ''}  from "
             f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}  "
             f"key={letter.key!r}\n    detail: {letter.detail}\n    value:  {letter.preview()}"
         )

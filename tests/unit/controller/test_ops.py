@@ -16,6 +16,7 @@ from services.controller.ops import (
     CustomerPartitions,
     CustomerStatus,
     PartitionStatus,
+    StallTracker,
     StatusReport,
     partition_of,
     render,
@@ -268,3 +269,52 @@ def test_letter_ids() -> None:
     assert parse_letter_id("3:12") == (3, 12)
     with pytest.raises(ValueError, match="PARTITION:OFFSET"):
         parse_letter_id("x")
+
+
+def pending_age_samples(metrics: ControllerMetrics) -> dict[str, float]:
+    return {
+        s.labels["partition"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "fleetplane_controller_oldest_pending_age_seconds"
+        for s in family.samples
+    }
+
+
+def test_a_partition_that_stops_advancing_ages_and_one_that_moves_does_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stalls = StallTracker(warn_after_s=30, owner="controller-1")
+    # Nothing waits: age 0.
+    assert stalls.observe("events", 0, 100, 100, now_s=1000) == 0.0
+    # Records wait and the stored offset stays: the age grows from first sight...
+    assert stalls.observe("events", 0, 100, 120, now_s=1000) == 0.0
+    assert stalls.observe("events", 0, 100, 125, now_s=1010) == 10.0
+    # ...or from the record's own timestamp once it is fetched (older than first sight).
+    assert stalls.observe("events", 0, 100, 125, now_s=1011, fetched=(100, 995.0)) == 16.0
+    # A timestamp of another record (an earlier batch) says nothing about this one.
+    assert stalls.observe("events", 0, 100, 125, now_s=1012, fetched=(90, 900.0)) == 17.0
+    with caplog.at_level("WARNING"):
+        assert stalls.observe("events", 0, 100, 125, now_s=1030) == 35.0
+        assert stalls.observe("events", 0, 100, 125, now_s=1040) == 45.0
+    warnings = [r.getMessage() for r in caplog.records if "has not advanced" in r.getMessage()]
+    assert warnings == [
+        "events[0] has not advanced for 35 s: owner controller-1, stored offset 100, log end 125"
+    ]
+    # It applies again: the next pending record is judged afresh, and a caught-up
+    # partition is at 0.
+    assert stalls.observe("events", 0, 110, 125, now_s=1041) == 0.0
+    assert stalls.observe("events", 0, 125, 125, now_s=1042) == 0.0
+
+
+def test_stall_gauge_follows_the_held_partitions() -> None:
+    metrics = ControllerMetrics()
+    stalls = StallTracker(warn_after_s=60, owner="c")
+    ends = {0: 120, 1: 50}
+    held = {0: claim(0, 100), 1: claim(1, 50)}
+    exported = update_lag(metrics, held, ends.get, set(), stalls=stalls, now_s=10)
+    exported = update_lag(
+        metrics, held, ends.get, exported, stalls=stalls, fetched={0: (100, 4.0)}, now_s=12
+    )
+    assert pending_age_samples(metrics) == {"0": 8.0, "1": 0.0}
+    update_lag(metrics, {1: claim(1, 50)}, ends.get, exported, stalls=stalls, now_s=13)
+    assert pending_age_samples(metrics) == {"1": 0.0}
