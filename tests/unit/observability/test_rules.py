@@ -18,6 +18,8 @@ from typing import Any, Final
 import pytest
 import yaml
 
+from services.shared.metrics import ALL_METRICS
+
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 OBSERVABILITY: Final = REPO_ROOT / "infra" / "observability"
 RULE_FILES: Final = sorted((OBSERVABILITY / "rules").glob("*.rules.yml"))
@@ -201,3 +203,12 @@ def test_compose_provisions_every_dashboard_into_grafana() -> None:
     for dashboard in dashboards:
         names = [v["name"] for v in dashboard["templating"]["list"]]
         assert names[0] == "datasource", dashboard["uid"]
+
+
+def test_the_observability_doc_lists_every_metric_alert_and_dashboard() -> None:
+    doc = (REPO_ROOT / "docs" / "observability.md").read_text()
+    named = [s.name for s in ALL_METRICS]
+    named += [r["alert"] for r in alerting_rules()]
+    named += [p.name for p in (OBSERVABILITY / "dashboards").glob("*.json")]
+    named += re.findall(r"^counter (\w+)", (OBSERVABILITY / "mtail/edge.mtail").read_text(), re.M)
+    assert [n for n in named if f"`{n}`" not in doc] == []
