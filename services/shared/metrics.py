@@ -236,6 +236,15 @@ GATEWAY_AUTH_REQUEST_DURATION: Final = MetricSpec(
     ("route", "method"),
 )
 
+DATABASE_POOL_CONNECTIONS: Final = MetricSpec(
+    "fleetplane_database_pool_connections",
+    "gauge",
+    "connections",
+    "The process's PostgreSQL connection pool at scrape time, by state: in_use (checked "
+    "out), idle (open, in the pool), max (the most it may open). Exported by the controller.",
+    ("state",),
+)
+
 ALL_METRICS: Final = (
     API_REQUESTS,
     API_REQUEST_DURATION,
@@ -265,6 +274,7 @@ ALL_METRICS: Final = (
     CERTIFICATE_EXPIRY,
     CONTROLLER_ACCEPT_TO_APPLIED,
     GATEWAY_AUTH_REQUEST_DURATION,
+    DATABASE_POOL_CONNECTIONS,
 )
 
 
