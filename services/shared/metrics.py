@@ -245,6 +245,17 @@ DATABASE_POOL_CONNECTIONS: Final = MetricSpec(
     ("state",),
 )
 
+ENVIRONMENTS_BY_LIVENESS: Final = MetricSpec(
+    "fleetplane_environments",
+    "gauge",
+    "environments",
+    "Environments by customer and liveness (connected, unknown, lost, never_seen), derived "
+    "from the last heartbeat's age. Exported by the controller that owns the customer's "
+    "partition, so each customer is counted once; every state is exported, 0 included. "
+    "Low volume (customers x 4): the one series with a customer label.",
+    ("customer", "liveness"),
+)
+
 ALL_METRICS: Final = (
     API_REQUESTS,
     API_REQUEST_DURATION,
@@ -275,6 +286,7 @@ ALL_METRICS: Final = (
     CONTROLLER_ACCEPT_TO_APPLIED,
     GATEWAY_AUTH_REQUEST_DURATION,
     DATABASE_POOL_CONNECTIONS,
+    ENVIRONMENTS_BY_LIVENESS,
 )
 
 

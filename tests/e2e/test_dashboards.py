@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(240)
 DASHBOARDS: Final = sorted((ROOT / "infra/observability/dashboards").glob("*.json"))
 # What Grafana substitutes before sending a query: a rate window of a few
 # scrapes (1 s here), every partition.
-VARIABLES: Final = {"$__rate_interval": "1m", "$partition": ".*"}
+VARIABLES: Final = {"$__rate_interval": "1m", "$partition": ".*", "$customer": ".*"}
 
 
 def panel_queries(path: Path) -> list[tuple[str, str]]:
@@ -98,5 +98,17 @@ async def test_every_panel_query_returns_data_from_the_live_prometheus(
         assert await waf_refusal(stack.operator_url, stack.pki_dir) == 403
         await eventually(
             empty_panels, lambda e: e == [], timeout_s=90, interval_s=2, what="every panel has data"
+        )
+        # The customer drill-down counts each environment once across the two
+        # controllers: each customer has exactly one exporter, its partition's owner.
+        await eventually(
+            lambda: monitoring.value("sum(fleetplane_environments)"),
+            lambda v: v == len(fleet),
+            timeout_s=30,
+            what="every environment counted once",
+        )
+        assert (
+            await monitoring.query("count by (customer, liveness) (fleetplane_environments) > 1")
+            == []
         )
     print(f"{len(queries)} panel queries, each with data")
