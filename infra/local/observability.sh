@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prometheus, Alertmanager, the PostgreSQL exporter and mtail over the edge's access
-# log (Debian's packages) on 127.0.0.1,
-# scraping every Fleetplane service; configs rendered from infra/observability/.
+# log (Debian's packages) on 127.0.0.1, scraping every Fleetplane service and the
+# Kafka broker's JMX exporter agent (kafka.sh); configs rendered from infra/observability/.
 # Usage: observability.sh start|stop|status|targets
 #
 # `targets` rewrites the scrape targets from the ports in the environment (API,
