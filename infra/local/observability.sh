@@ -52,6 +52,7 @@ write_targets() {
     write_targets_file postgres "$POSTGRES_EXPORTER_PORT"
     write_targets_file edge "$EDGE_EXPORTER_PORT"
     write_targets_file kafka "$KAFKA_METRICS_PORT"
+    write_targets_file fleetplane-backup "$BACKUP_METRICS_PORT"
 }
 
 render() {

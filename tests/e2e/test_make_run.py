@@ -177,6 +177,7 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
             "postgres": ["up"],
             "edge": ["up"],
             "kafka": ["up"],
+            "fleetplane-backup": ["up"],
             "prometheus": ["up"],
             "alertmanager": ["up"],
         }
