@@ -14,7 +14,15 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
+from services.gateway_auth.keys import (
+    METRICS,
+    NAMES,
+    REQUEST_ID,
+    SERVICE,
+    SETTINGS,
+    STORE,
+    TRUST,
+)
 from services.gateway_auth.models import (
     AuditItem,
     AuditList,
@@ -235,6 +243,9 @@ async def renew(request: web.Request) -> web.Response:
 async def authz(request: web.Request) -> web.Response:
     """nginx ``auth_request``: 200 passes the agent's request on, 401 refuses it.
 
+    Refused: a revoked certificate, one of a retired or unknown issuing CA, and
+    one whose names are ambiguous (``services.gateway_auth.names``).
+
     nginx understands only 2xx, 401 and 403 from here; the edge turns 401 into a
     403 problem for the agent, whose detail is ``X-Fleetplane-Refusal``. Anyone
     but the edge gets the same 401, as a problem body.
@@ -246,6 +257,11 @@ async def authz(request: web.Request) -> web.Response:
             edge_cn=request.app[SETTINGS].edge_client_cn,
         )
         reason = request.app[TRUST].check(certificate)
+        if reason is None:
+            # Only after the trust check, which refused a missing or malformed serial.
+            reason = request.app[NAMES].refusal(
+                certificate.escaped_pem, certificate.identity, certificate.serial or ""
+            )
     except Unauthenticated as refused:
         reason = refused.detail
     except Forbidden as refused:
