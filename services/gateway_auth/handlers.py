@@ -41,6 +41,7 @@ from services.shared.edge_auth import (
     is_edge,
     operator_credentials_from_request,
 )
+from services.shared.jsonbody import refuse_duplicate_keys
 from services.shared.operator_keys import secret_matches
 from services.shared.params import path_id, query_int
 from services.shared.problems import (
@@ -91,6 +92,7 @@ async def _body(request: web.Request, model: type[Body]) -> Body:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
         raise PayloadTooLarge("the body is larger than gateway_auth accepts") from e
+    refuse_duplicate_keys(raw)
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
