@@ -27,16 +27,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from services.gateway_auth import handlers
-from services.gateway_auth.keys import (
-    METRICS,
-    NAMES,
-    REQUEST_ID,
-    SERVICE,
-    SETTINGS,
-    STORE,
-    TRUST,
-)
-from services.gateway_auth.names import NameCheck
+from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
 from services.gateway_auth.service import GatewayMetrics, IdentityService, IssuingCa, TrustKeeper
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
@@ -115,7 +106,6 @@ def create_app(settings: GatewayAuthSettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics = GatewayMetrics.create()
     app[TRUST] = trust = TrustKeeper(metrics)
-    app[NAMES] = NameCheck()
 
     @asynccontextmanager
     async def database_ctx(app: web.Application) -> AsyncIterator[None]:

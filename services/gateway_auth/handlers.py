@@ -16,7 +16,6 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from services.gateway_auth.keys import (
     METRICS,
-    NAMES,
     REQUEST_ID,
     SERVICE,
     SETTINGS,
@@ -245,8 +244,7 @@ async def renew(request: web.Request) -> web.Response:
 async def authz(request: web.Request) -> web.Response:
     """nginx ``auth_request``: 200 passes the agent's request on, 401 refuses it.
 
-    Refused: a revoked certificate, one of a retired or unknown issuing CA, and
-    one whose names are ambiguous (``services.gateway_auth.names``).
+    What is refused: ``TrustKeeper.check``.
 
     nginx understands only 2xx, 401 and 403 from here; the edge turns 401 into a
     403 problem for the agent, whose detail is ``X-Fleetplane-Refusal``. Anyone
@@ -259,11 +257,6 @@ async def authz(request: web.Request) -> web.Response:
             edge_cn=request.app[SETTINGS].edge_client_cn,
         )
         reason = request.app[TRUST].check(certificate)
-        if reason is None:
-            # Only after the trust check, which refused a missing or malformed serial.
-            reason = request.app[NAMES].refusal(
-                certificate.escaped_pem, certificate.identity, certificate.serial or ""
-            )
     except Unauthenticated as refused:
         reason = refused.detail
     except Forbidden as refused:

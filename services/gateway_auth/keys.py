@@ -6,7 +6,6 @@ from typing import Final
 
 from aiohttp import web
 
-from services.gateway_auth.names import NameCheck
 from services.gateway_auth.service import GatewayMetrics, IdentityService, TrustKeeper
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
@@ -16,5 +15,4 @@ METRICS: Final = web.AppKey("metrics", GatewayMetrics)
 STORE: Final = web.AppKey("store", IdentityStore)
 SERVICE: Final = web.AppKey("service", IdentityService)
 TRUST: Final = web.AppKey("trust", TrustKeeper)
-NAMES: Final = web.AppKey("names", NameCheck)
 REQUEST_ID: Final = web.RequestKey("request_id", str)

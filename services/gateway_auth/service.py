@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.gateway_auth.csr import CsrRefused, check_csr
+from services.gateway_auth.names import NameCheck
 from services.gateway_auth.pki import CertificateAuthority
 from services.gateway_auth.problems import (
     CertificateRefused,
@@ -110,6 +111,7 @@ class TrustKeeper:
         self._metrics = metrics
         self._clock = clock
         self._observed: set[str] = set()
+        self._names = NameCheck()
 
     async def reload(self, connection: psycopg.AsyncConnection[Any]) -> None:
         self.state = await load_trust_state(connection)
@@ -123,6 +125,8 @@ class TrustKeeper:
     def check(self, certificate: AgentCertificate) -> str | None:
         """None when the edge may pass the request on; else why it must refuse.
 
+        Refused: a revoked certificate, one of a retired or unknown issuing CA,
+        and one whose names are ambiguous (``services.gateway_auth.names``).
         Raises Unauthenticated when the edge forwarded no serial or issuer (a
         configuration error at the edge: refusing is the safe answer).
         """
@@ -138,8 +142,11 @@ class TrustKeeper:
         now = self._clock()
         refused = state.refusal(certificate.identity, serial, certificate.issuer_dn, now)
         if refused is None:
-            self._metrics.edge_checks.labels(outcome="allowed").inc()
-            return None
+            names = self._names.refusal(
+                certificate.escaped_pem, certificate.identity, certificate.serial
+            )
+            self._metrics.edge_checks.labels(outcome="refused" if names else "allowed").inc()
+            return names
         reason, revocation = refused
         self._metrics.edge_checks.labels(outcome="refused").inc()
         if revocation is not None and serial not in self._observed:

@@ -12,7 +12,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from services.gateway_auth import names
 from services.gateway_auth.pki import CertificateAuthority, agent_subject
+from services.gateway_auth.service import GatewayMetrics, TrustKeeper
+from services.shared.edge_auth import AgentCertificate
 from services.shared.identity import AgentIdentity
+from services.shared.revocations import UNKNOWN_ISSUER, TrustState
 
 ACME = AgentIdentity("acme", "prod", "agent-1")
 
@@ -116,3 +119,31 @@ def test_verdicts_are_kept_per_certificate_and_bounded(ca: CertificateAuthority)
     assert check.refusal(escaped(third), ACME, serial_of(third)) == names.MISMATCH
     assert check.refusal(escaped(good), ACME, serial_of(good)) is None
     assert check.refusal(None, ACME, serial_of(good)) == names.NO_CERTIFICATE
+
+
+def test_the_edge_check_applies_the_names_rule_after_the_trust_state(
+    ca: CertificateAuthority,
+) -> None:
+    metrics = GatewayMetrics.create()
+    keeper = TrustKeeper(metrics)
+    issuer = ca.certificate.subject.rfc4514_string()
+    keeper.state = TrustState(issuers={issuer: None})
+
+    def forwarded(cert: x509.Certificate) -> AgentCertificate:
+        return AgentCertificate(ACME, serial_of(cert), issuer, escaped(cert))
+
+    good = certificate(ca, ACME, [uri(ACME)])
+    two = certificate(ca, ACME, [uri(ACME), uri(ACME)])
+    assert keeper.check(forwarded(good)) is None
+    assert keeper.check(forwarded(two)) == names.NOT_ONE_NAME
+    assert keeper.check(AgentCertificate(ACME, serial_of(good), issuer)) == names.NO_CERTIFICATE
+    # The trust state still decides first: an unknown issuer, whatever the names.
+    keeper.state = TrustState()
+    assert keeper.check(forwarded(good)) == UNKNOWN_ISSUER
+    counted = {
+        outcome: metrics.registry.get_sample_value(
+            "fleetplane_gateway_auth_edge_checks_total", {"outcome": outcome}
+        )
+        for outcome in ("allowed", "refused")
+    }
+    assert counted == {"allowed": 1, "refused": 3}
