@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from services.api.keys import METRICS, REQUEST_ID
+from services.shared.events import REQUEST_ID_PATTERN
 from services.shared.logs import current_request_id
 from services.shared.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 # Ids from the edge are reused so logs line up; anything else is replaced, since
-# the value ends up in logs, records and metrics exemplars.
-_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# the value ends up in logs, records and metrics exemplars. The records' contract
+# holds it to the same pattern (operator_audit.request_id is text).
+_REQUEST_ID_RE: Final = re.compile(REQUEST_ID_PATTERN)
 # A hostile client must not be able to mint label values.
 _KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

@@ -86,6 +86,12 @@ _LIMIT = QueryParameter(
     {"type": "integer", "minimum": 1, "maximum": AUDIT_LIMIT_MAX, "default": AUDIT_LIMIT_DEFAULT},
     "How many entries to return at most.",
 )
+_STORABLE: Final = (
+    "Every accepted value can be stored as it is: a value PostgreSQL would refuse is "
+    "refused here with 422 naming the field (free text without U+0000 or unpaired "
+    "surrogate escapes; integers within bigint; ASCII ids and names short enough for "
+    "the indexes), so an accepted change is always applied."
+)
 _AGENT_ERRORS: Final = (401, 403)
 _OPERATOR_ERRORS: Final = (401, 403, 404, 422, 503)
 _CUSTOMER: Final = "/v1/operator/customers/{customer_id}"
@@ -142,7 +148,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "with the same event ids (the controller deduplicates). Event ids must be "
         "unique within a batch (a rule JSON Schema cannot state): a batch that repeats "
         "one is refused whole with 422. Identity comes from the client certificate "
-        "only, never from the body.",
+        "only, never from the body. " + _STORABLE,
         "agent",
         202,
         EventsAccepted,
@@ -186,7 +192,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Produces the change to the customer's partition of the events topic; 202 once "
         "Kafka acknowledged it. The owning controller applies it in order, ignores a "
         "revision not above the environment's current one, records it in the audit "
-        "and creates the commands that move the environment towards it.",
+        "and creates the commands that move the environment towards it. " + _STORABLE,
         "operator",
         202,
         DesiredStateAccepted,

@@ -123,12 +123,12 @@ class FleetRepository(Protocol):
 def event_status_query(identity: AgentIdentity, event_id: str) -> Select[Any]:
     """The one event record of this agent, scoped by every part of its identity."""
     return select(event_records.c.status, event_records.c.reason, event_records.c.applied_at).where(
+        # The whole key: one agent id may be enrolled in several environments of a
+        # customer, as different agents.
         event_records.c.customer_id == identity.customer_id,
+        event_records.c.environment_id == identity.environment_id,
         event_records.c.agent_id == identity.agent_id,
         event_records.c.event_id == event_id,
-        # Redundant with the key when agent ids are unique per customer, and
-        # keeps an environment's data its own if they ever are not.
-        event_records.c.environment_id == identity.environment_id,
     )
 
 

@@ -9,7 +9,9 @@ customer id and go through the same produce path (``EventService.publish``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -19,11 +21,12 @@ from typing import Any, Final, Protocol
 
 from aiokafka.errors import KafkaError
 from opentelemetry import propagate, trace
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from services.api.metrics import ApiMetrics
 from services.shared.events import (
     EVENT_TYPES,
+    UNSTORABLE_SURROGATE,
     AgentEventRecord,
     DesiredState,
     DesiredStateRecord,
@@ -49,6 +52,7 @@ MAX_RECORD_BYTES: Final = 1_000_000
 # (events.3.heartbeat.payload); the agent's JSON has no such level.
 _UNION_TAGS: Final = frozenset(EVENT_TYPES)
 _MAX_FIELD_CHARS: Final = 200
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
 
 KafkaHeaders = list[tuple[str, bytes]]
@@ -87,6 +91,9 @@ def field_path(loc: Sequence[int | str], error_type: str = "") -> str:
     path = ""
     previous: int | str | None = None
     for item in loc:
+        if isinstance(item, str):
+            # An unknown key may hold an unpaired surrogate; the answer must stay UTF-8.
+            item = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", item)
         if isinstance(item, int):
             path += f"[{item}]"
         elif isinstance(previous, int) and item in _UNION_TAGS:
@@ -105,16 +112,50 @@ def field_path(loc: Sequence[int | str], error_type: str = "") -> str:
 def validation_errors(error: ValidationError) -> tuple[FieldError, ...]:
     """One FieldError per pydantic error, never echoing the input value."""
     return tuple(
-        FieldError(field_path(detail["loc"], detail["type"]), detail["msg"])
+        FieldError(
+            field_path(detail["loc"], detail["type"]),
+            # pydantic's own words ("unable to parse raw data as a unicode string")
+            # do not say what to change.
+            UNSTORABLE_SURROGATE if detail["type"] == "string_unicode" else detail["msg"],
+        )
         for detail in error.errors(include_url=False, include_input=False)
     )
 
 
-def _body_problem(error: ValidationError, what: str) -> MalformedRequest | ValidationFailed:
+def _unpaired_surrogates(body: bytes, model: type[BaseModel]) -> ValidationError | None:
+    """The body's field errors when its only fault as JSON is an unpaired surrogate escape.
+
+    pydantic's JSON parser refuses ``"\\ud800"`` as invalid JSON, which would answer
+    400 without naming the field. Python's parser reads it (RFC 8259 allows the
+    escape), and validating what it read names every field holding one. None when
+    the body is not JSON for Python either, or has no such string.
+    """
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    try:
+        model.model_validate(parsed)
+    except ValidationError as e:
+        for detail in e.errors(include_url=False, include_input=False):
+            # A string value holding one, or an (unknown) key holding one.
+            if detail["type"] == "string_unicode" or any(
+                isinstance(item, str) and _SURROGATE.search(item) for item in detail["loc"]
+            ):
+                return e
+    return None
+
+
+def _body_problem(
+    error: ValidationError, what: str, body: bytes, model: type[BaseModel]
+) -> MalformedRequest | ValidationFailed:
     """MalformedRequest when the body is not JSON at all, else ValidationFailed listing fields."""
     details = error.errors(include_url=False, include_input=False)
     if details and details[0]["type"] == "json_invalid":
-        return MalformedRequest(f"the body is not valid JSON: {details[0]['msg']}")
+        located = _unpaired_surrogates(body, model)
+        if located is None:
+            return MalformedRequest(f"the body is not valid JSON: {details[0]['msg']}")
+        error = located
     errors = validation_errors(error)
     return ValidationFailed(
         f"the {what} has {len(errors)} invalid field(s); nothing was accepted", errors=errors
@@ -132,7 +173,7 @@ def parse_batch(body: bytes) -> EventBatch:
     try:
         batch = EventBatch.model_validate_json(body)
     except ValidationError as e:
-        raise _body_problem(e, "batch") from e
+        raise _body_problem(e, "batch", body, EventBatch) from e
     duplicates = duplicate_id_errors(batch)
     if duplicates:
         raise ValidationFailed(
@@ -184,7 +225,7 @@ def parse_desired_state(body: bytes) -> DesiredState:
     try:
         return DesiredState.model_validate_json(body)
     except ValidationError as e:
-        raise _body_problem(e, "desired state") from e
+        raise _body_problem(e, "desired state", body, DesiredState) from e
 
 
 def build_desired_state_record(

@@ -25,12 +25,23 @@ from services.shared.events import (
     decode_topic_record,
 )
 
-AgentKey = tuple[str, str]
-"""(customer id, agent id)"""
+AgentKey = tuple[str, str, str]
+"""(customer id, environment id, agent id): an agent's whole identity.
+
+Enrollment names an agent within its environment, so one agent id may exist in
+several environments of a customer; they are different agents.
+"""
 EnvironmentKey = tuple[str, str]
 """(customer id, environment id)"""
-EventKey = tuple[str, str, str]
-"""(customer id, agent id, event id): the deduplication key."""
+EventKey = tuple[str, str, str, str]
+"""(customer id, environment id, agent id, event id): the deduplication key."""
+
+PREVIOUS_BOOTS_KEPT = 16
+"""How many of an agent's earlier boot ids are remembered, newest first.
+
+An event of a remembered boot is late and does not move the agent back to it; one
+of a boot older than that is taken for a new boot (a resync is requested, nothing
+is lost)."""
 
 Status = Literal["applied", "rejected"]
 
@@ -66,8 +77,14 @@ class Decoded:
     record: AgentEventRecord
 
     @property
+    def agent_key(self) -> AgentKey:
+        r = self.record
+        return (r.customer_id, r.environment_id, r.agent_id)
+
+    @property
     def event_key(self) -> EventKey:
-        return (self.record.customer_id, self.record.agent_id, self.record.event.id)
+        r = self.record
+        return (r.customer_id, r.environment_id, r.agent_id, r.event.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +133,14 @@ def _summarise(error: ValidationError) -> str:
 class AgentState:
     """An agent's sequencing state: which boot, which sequence number last applied."""
 
-    environment_id: str
     boot_id: str
     last_seq: int
     last_event_at: datetime
     last_heartbeat_at: datetime | None = None
     resync_requested_at: datetime | None = None
     resync_reason: str | None = None
+    previous_boots: tuple[str, ...] = ()
+    """Boot ids the agent has left, newest first, at most PREVIOUS_BOOTS_KEPT."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,10 +214,14 @@ class KnownState:
 def plan_batch(batch: Sequence[Decoded | DecodedChange], known: KnownState) -> Plan:
     """Decide every event's outcome and effects, in partition order.
 
-    Sequencing is per agent boot: the next sequence number applies; a higher one
-    applies and requests a full-state resync (a gap); a lower or equal one is
-    rejected as stale; a new boot id requests a resync. An observed-state report is
-    the full state, so it satisfies any pending resync.
+    Agents are keyed by their whole identity (customer, environment, agent), and
+    events are deduplicated on it plus the event id. Sequencing is per agent boot:
+    the next sequence number applies; a higher one applies and requests a
+    full-state resync (a gap); a lower or equal one is rejected as stale; a boot id
+    not seen before is a new boot and requests a resync. An event of a boot the
+    agent has already left is late: it does not move the agent back to that boot
+    (see ``_late_event`` for what it still does). An observed-state report is the
+    full state, so it satisfies any pending resync.
     """
     plan = Plan()
     agents = {key: replace(state) for key, state in known.agents.items()}
@@ -218,8 +240,12 @@ def plan_batch(batch: Sequence[Decoded | DecodedChange], known: KnownState) -> P
         seen.add(decoded.event_key)
         record = decoded.record
         event = record.event
-        agent_key = (record.customer_id, record.agent_id)
+        agent_key = decoded.agent_key
         state = agents.get(agent_key)
+
+        if state is not None and event.boot_id in state.previous_boots:
+            plan.outcomes.append(_late_event(decoded, state, plan, known, settled_commands))
+            continue
 
         resync: str | None = None
         if state is None or state.boot_id != event.boot_id:
@@ -237,9 +263,10 @@ def plan_batch(batch: Sequence[Decoded | DecodedChange], known: KnownState) -> P
             resync = "sequence_gap"
 
         if state is None:
-            state = AgentState(record.environment_id, event.boot_id, event.seq, record.accepted_at)
+            state = AgentState(event.boot_id, event.seq, record.accepted_at)
             agents[agent_key] = state
-        state.environment_id = record.environment_id
+        elif state.boot_id != event.boot_id:
+            state.previous_boots = (state.boot_id, *state.previous_boots)[:PREVIOUS_BOOTS_KEPT]
         state.boot_id = event.boot_id
         state.last_seq = event.seq
         state.last_event_at = record.accepted_at
@@ -256,6 +283,32 @@ def plan_batch(batch: Sequence[Decoded | DecodedChange], known: KnownState) -> P
             state.resync_reason = resync
             plan.resync_requests.append(resync)
     return plan
+
+
+def _late_event(
+    decoded: Decoded,
+    state: AgentState,
+    plan: Plan,
+    known: KnownState,
+    settled_commands: set[int],
+) -> Outcome:
+    """An event of a boot the agent has left, delivered after the agent's newer boot.
+
+    The agent's boot, sequence, times and resync request stay as they are. A command
+    result is still a fact about a command the agent ran, so it settles its command
+    like any other (once, and only a pending command of its own environment). A
+    heartbeat or an observed-state report describes a process that has since been
+    replaced: it would overwrite newer health, version or observed state and make a
+    gone process look alive, so it is recorded as rejected, with the reason.
+    """
+    event = decoded.record.event
+    if isinstance(event, CommandResultEvent):
+        return _command_result(decoded, event, plan, known, settled_commands)
+    return Outcome(
+        decoded,
+        "rejected",
+        f"late event of previous boot {event.boot_id}: agent is at boot {state.boot_id}",
+    )
 
 
 def _plan_change(

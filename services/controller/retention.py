@@ -39,8 +39,9 @@ async def prune_expired(
     Compares with the database's clock, which stamped ``applied_at``. Runs in the
     caller's transaction; returns the number of rows deleted.
     """
+    key_columns = [column for column in event_records.primary_key.columns]
     expired = (
-        select(event_records.c.customer_id, event_records.c.agent_id, event_records.c.event_id)
+        select(*key_columns)
         .where(
             event_records.c.partition == partition,
             event_records.c.applied_at
@@ -48,8 +49,7 @@ async def prune_expired(
         )
         .limit(limit)
     )
-    key = tuple_(event_records.c.customer_id, event_records.c.agent_id, event_records.c.event_id)
-    result = await conn.execute(delete(event_records).where(key.in_(expired)))
+    result = await conn.execute(delete(event_records).where(tuple_(*key_columns).in_(expired)))
     return int(result.rowcount)
 
 

@@ -15,10 +15,12 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.controller.handlers import (
+    AgentKey,
     AgentState,
     CommandRow,
     Decoded,
     DecodedChange,
+    EventKey,
     KnownState,
     PendingCommand,
     Plan,
@@ -57,42 +59,49 @@ async def load_known_state(
     events = [d for d in batch if isinstance(d, Decoded)]
     changes = [d for d in batch if isinstance(d, DecodedChange)]
     event_keys = list({d.event_key for d in events})
-    agent_keys = list({(d.record.customer_id, d.record.agent_id) for d in events})
-    recorded: frozenset[tuple[str, str, str]] = frozenset()
+    agent_keys = list({d.agent_key for d in events})
+    recorded: frozenset[EventKey] = frozenset()
     if event_keys:
-        keys = _key_rows(event_keys, "customer_id", "agent_id", "event_id")
+        keys = _key_rows(event_keys, "customer_id", "environment_id", "agent_id", "event_id")
         rows = await conn.execute(
             select(
-                event_records.c.customer_id, event_records.c.agent_id, event_records.c.event_id
+                event_records.c.customer_id,
+                event_records.c.environment_id,
+                event_records.c.agent_id,
+                event_records.c.event_id,
             ).join_from(
                 keys,
                 event_records,
                 (event_records.c.customer_id == keys.c.customer_id)
+                & (event_records.c.environment_id == keys.c.environment_id)
                 & (event_records.c.agent_id == keys.c.agent_id)
                 & (event_records.c.event_id == keys.c.event_id),
             )
         )
-        recorded = frozenset((r.customer_id, r.agent_id, r.event_id) for r in rows)
-    agents: dict[tuple[str, str], AgentState] = {}
+        recorded = frozenset(
+            (r.customer_id, r.environment_id, r.agent_id, r.event_id) for r in rows
+        )
+    agents: dict[AgentKey, AgentState] = {}
     if agent_keys:
-        keys = _key_rows(agent_keys, "customer_id", "agent_id")
+        keys = _key_rows(agent_keys, "customer_id", "environment_id", "agent_id")
         rows = await conn.execute(
             select(agent_status).join_from(
                 keys,
                 agent_status,
                 (agent_status.c.customer_id == keys.c.customer_id)
+                & (agent_status.c.environment_id == keys.c.environment_id)
                 & (agent_status.c.agent_id == keys.c.agent_id),
             )
         )
         for r in rows:
-            agents[(r.customer_id, r.agent_id)] = AgentState(
-                environment_id=r.environment_id,
+            agents[(r.customer_id, r.environment_id, r.agent_id)] = AgentState(
                 boot_id=r.boot_id,
                 last_seq=r.last_seq,
                 last_event_at=r.last_event_at,
                 last_heartbeat_at=r.last_heartbeat_at,
                 resync_requested_at=r.resync_requested_at,
                 resync_reason=r.resync_reason,
+                previous_boots=tuple(r.previous_boots),
             )
     known_commands: dict[int, CommandRow] = {}
     wanted = command_ids(batch)
@@ -187,33 +196,34 @@ async def write_plan(conn: AsyncConnection, plan: Plan, epoch: int) -> None:
         statement = insert(agent_status)
         await conn.execute(
             statement.on_conflict_do_update(
-                index_elements=["customer_id", "agent_id"],
+                index_elements=["customer_id", "environment_id", "agent_id"],
                 set_={
                     column: statement.excluded[column]
                     for column in (
-                        "environment_id",
                         "boot_id",
                         "last_seq",
                         "last_event_at",
                         "last_heartbeat_at",
                         "resync_requested_at",
                         "resync_reason",
+                        "previous_boots",
                     )
                 },
             ),
             [
                 {
                     "customer_id": customer_id,
+                    "environment_id": environment_id,
                     "agent_id": agent_id,
-                    "environment_id": s.environment_id,
                     "boot_id": s.boot_id,
                     "last_seq": s.last_seq,
                     "last_event_at": s.last_event_at,
                     "last_heartbeat_at": s.last_heartbeat_at,
                     "resync_requested_at": s.resync_requested_at,
                     "resync_reason": s.resync_reason,
+                    "previous_boots": list(s.previous_boots),
                 }
-                for (customer_id, agent_id), s in plan.agents.items()
+                for (customer_id, environment_id, agent_id), s in plan.agents.items()
             ],
         )
     if plan.environments:

@@ -7,14 +7,44 @@ another route (a bug, a manual produce) becomes a dead letter instead of a crash
 Structured fields (ids, types, sequence numbers, versions) have strict patterns
 and lengths. Free-text fields (messages, statuses) are data: length-limited,
 never interpreted, stored only through parameterised SQL.
+
+Every value these contracts accept can be stored where the controller writes it
+(docs/architecture.md, "What PostgreSQL can store"): a value PostgreSQL would refuse
+is refused here, with 422 naming the field, never as a surprise in the apply
+transaction. The classes, checked against PostgreSQL 15:
+
+- text and jsonb strings cannot hold U+0000 (``text`` has no NUL; ``jsonb`` refuses
+  the ``\u0000`` escape with 22P05): refused in every free-text field
+  (``StorableText``); structured fields are ASCII patterns that exclude it;
+- unpaired UTF-16 surrogates (``\ud800``) have no UTF-8 form: pydantic refuses
+  them in every string field (the API names the field, ``services.api.service``);
+- integers are bounded below bigint (``seq``, ``revision`` at 2**53, ids and
+  epochs at 2**62); no field is a float, so NaN, Infinity and numbers beyond
+  numeric's range never reach jsonb;
+- indexed text columns (event ids, resource names, change ids) are ASCII and at
+  most 128 characters, far below the btree row limit (2704 bytes);
+- jsonb documents (observed and desired state) are lists of at most 1000 flat
+  objects of strings, bounded by the body limit (1 MiB) far below jsonb's 255 MB;
+- instants are time-zone aware and within years 2..9998, so they read back as
+  Python datetimes in any session time zone.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from services.shared.identity import ID_PATTERN
 
@@ -47,10 +77,68 @@ ResourceName = Annotated[
 ]
 ResourceKind = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 Version = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")]
+# [0-9], not \d: pydantic's regex engine reads \d as any Unicode digit, the
+# document's ECMA-262 pattern as ASCII only.
 AgentVersion = Annotated[
-    str, Field(pattern=r"^\d{1,6}\.\d{1,6}\.\d{1,6}([-+][0-9A-Za-z.-]{1,32})?$")
+    str, Field(pattern=r"^[0-9]{1,6}\.[0-9]{1,6}\.[0-9]{1,6}([-+][0-9A-Za-z.-]{1,32})?$")
 ]
-FreeText = Annotated[str, Field(max_length=2048)]
+
+NUL_FREE_PATTERN: Final = r"^[^\u0000]*$"
+"""The JSON Schema form of ``StorableText``'s rule (ECMA-262: no U+0000 anywhere)."""
+UNSTORABLE_NUL: Final = "must not contain U+0000 (NUL): PostgreSQL text and jsonb cannot store it"
+UNSTORABLE_SURROGATE: Final = (
+    "must not contain an unpaired UTF-16 surrogate escape (\\ud800-\\udfff): "
+    "it has no UTF-8 form, so PostgreSQL cannot store it"
+)
+STORABLE_TEXT_RULE: Final = (
+    "Any Unicode text except U+0000 (NUL) and unpaired surrogate escapes "
+    "(\\ud800-\\udfff not forming a pair), which PostgreSQL cannot store; refused with 422."
+)
+
+
+def _storable_text(value: str) -> str:
+    # pydantic has already refused unpaired surrogates (string_unicode): a Python
+    # str holding one cannot be read as UTF-8.
+    if "\x00" in value:
+        # A custom error, not ValueError: its message is answered as it is, without
+        # pydantic's "Value error, " prefix.
+        raise PydanticCustomError("string_unstorable", UNSTORABLE_NUL)
+    return value
+
+
+StorableText: Final = AfterValidator(_storable_text)
+"""On every string field whose value is not held to an ASCII pattern. Its Field states
+``NUL_FREE_PATTERN`` in the document only (json_schema_extra), so the check and its
+message are this validator's."""
+
+FreeText = Annotated[
+    str,
+    Field(
+        max_length=2048,
+        description=f"Free text, at most 2048 characters. {STORABLE_TEXT_RULE}",
+        json_schema_extra={"pattern": NUL_FREE_PATTERN},
+    ),
+    StorableText,
+]
+
+REQUEST_ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}$"
+"""A request id as the API keeps it (the edge's X-Request-Id when well-formed)."""
+RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
+# PostgreSQL keeps timestamptz from 4713 BC to 294276 AD, past Python's years 1..9999;
+# but a stored instant near those ends reads back outside Python's range in a session
+# whose time zone shifts it past year 1 or 9999 (psycopg raises DataError on read).
+_EARLIEST: Final = datetime(2, 1, 1, tzinfo=UTC)
+_LATEST: Final = datetime(9998, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+def _readable_instant(value: datetime) -> datetime:
+    if not _EARLIEST <= value <= _LATEST:
+        raise ValueError("must be between the years 2 and 9998 (UTC)")
+    return value
+
+
+Instant = Annotated[AwareDatetime, AfterValidator(_readable_instant)]
+"""A time-zone-aware point in time that every session time zone can read back."""
 
 
 class _Strict(BaseModel):
@@ -130,8 +218,8 @@ class AgentEventRecord(_Strict):
     customer_id: Identifier
     environment_id: Identifier
     agent_id: Identifier
-    accepted_at: datetime
-    request_id: Annotated[str, Field(max_length=128)] | None = None
+    accepted_at: Instant
+    request_id: RequestId | None = None
     event: AgentEvent
 
 
@@ -169,10 +257,10 @@ class DesiredStateRecord(_Strict):
     change_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
     customer_id: Identifier
     environment_id: Identifier
-    operator: Annotated[str, Field(min_length=1, max_length=128)]
+    operator: Annotated[str, Field(min_length=1, max_length=128), StorableText]
     """Who made the change: the operator key's id, for the audit record."""
-    accepted_at: datetime
-    request_id: Annotated[str, Field(max_length=128)] | None = None
+    accepted_at: Instant
+    request_id: RequestId | None = None
     desired: DesiredState
 
 

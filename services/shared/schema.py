@@ -20,13 +20,14 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     Sequence,
     Table,
     Text,
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 metadata: Final = MetaData()
 
@@ -65,11 +66,14 @@ environments: Final = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
+# Agents and their events are keyed by the whole identity (customer, environment,
+# agent): enrollment names an agent within its environment, so one agent id may be
+# enrolled in several environments of a customer as different agents (migration 0004).
 agent_status: Final = Table(
     "agent_status",
     metadata,
-    Column("customer_id", Text, primary_key=True),
-    Column("agent_id", Text, primary_key=True),
+    Column("customer_id", Text, nullable=False),
+    Column("agent_id", Text, nullable=False),
     Column("environment_id", Text, nullable=False),
     Column("boot_id", Text, nullable=False),
     Column("last_seq", BigInteger, nullable=False),
@@ -79,15 +83,18 @@ agent_status: Final = Table(
     # full-state report instead of the gap being dropped silently.
     Column("resync_requested_at", DateTime(timezone=True)),
     Column("resync_reason", Text),
+    # Boot ids the agent has left, newest first (bounded by the controller): an
+    # event of one of them is late and does not move the agent back.
+    Column("previous_boots", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
+    PrimaryKeyConstraint("customer_id", "environment_id", "agent_id", name="agent_status_pkey"),
 )
 
 event_records: Final = Table(
     "event_records",
     metadata,
-    # The deduplication key: (customer, agent, agent-chosen event id).
-    Column("customer_id", Text, primary_key=True),
-    Column("agent_id", Text, primary_key=True),
-    Column("event_id", Text, primary_key=True),
+    Column("customer_id", Text, nullable=False),
+    Column("agent_id", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
     Column("environment_id", Text, nullable=False),
     Column("event_type", Text, nullable=False),
     Column("boot_id", Text, nullable=False),
@@ -99,6 +106,10 @@ event_records: Final = Table(
     Column("epoch", BigInteger, nullable=False),
     Column("accepted_at", DateTime(timezone=True), nullable=False),
     Column("applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The deduplication key: the agent's whole identity and its event id.
+    PrimaryKeyConstraint(
+        "customer_id", "environment_id", "agent_id", "event_id", name="event_records_pkey"
+    ),
     CheckConstraint("status IN ('applied', 'rejected')", name="event_records_status"),
     Index("event_records_partition_offset", "partition", "offset"),
     Index("event_records_applied_at", "applied_at"),

@@ -59,6 +59,13 @@ class AgentClient:
         if self.session is not None:
             await self.session.close()
 
+    def reboot(self) -> str:
+        """Start a new boot: a fresh boot id, sequence from 1. Returns the boot id left."""
+        left = self.boot_id
+        self.boot_id = f"boot-{uuid.uuid4().hex[:12]}"
+        self._seq = itertools.count(1)
+        return left
+
     def heartbeat(self, health: str = "ok", message: str = "") -> dict[str, Any]:
         return self._event(
             "heartbeat", {"agent_version": "1.4.2", "health": health, "message": message}

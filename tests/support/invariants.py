@@ -3,8 +3,10 @@
 - lost: an accepted event id with no event record;
 - duplicated: an effect applied more than once; observed-state reports are counted
   in ``environments.observed_reports``, so a report applied twice shows there;
-- out of order: within one agent, records whose sequence numbers do not rise in
-  the order they were applied, or events the controller had to reject as stale.
+- out of order: within one agent (customer, environment, agent: one agent id may
+  be enrolled in several environments, as different agents), records whose
+  sequence numbers do not rise in the order they were applied, or events the
+  controller had to reject as stale.
 
 "The order they were applied" is the apply transaction's start (``applied_at``),
 then partition and offset: one customer's records share a partition, where that
@@ -44,7 +46,7 @@ class Ledger:
 class Report:
     accepted: int
     recorded: int
-    lost: list[tuple[str, str, str]]
+    lost: list[tuple[str, str, str, str]]
     duplicated: dict[tuple[str, str], int]
     out_of_order: list[str]
 
@@ -56,8 +58,9 @@ class Report:
 def check(ledger: Ledger, dsn: str) -> Report:
     with psycopg.connect(dsn) as conn:
         records = conn.execute(
-            'SELECT customer_id, agent_id, event_id, seq, boot_id, status, reason, "offset" '
-            'FROM event_records ORDER BY customer_id, agent_id, applied_at, partition, "offset"'
+            "SELECT customer_id, environment_id, agent_id, event_id, seq, boot_id, status, reason,"
+            ' "offset" FROM event_records'
+            ' ORDER BY customer_id, environment_id, agent_id, applied_at, partition, "offset"'
         ).fetchall()
         revisions = {
             (c, e): r
@@ -65,11 +68,11 @@ def check(ledger: Ledger, dsn: str) -> Report:
                 "SELECT customer_id, environment_id, observed_reports FROM environments"
             )
         }
-    recorded_keys = {(c, a, e) for c, a, e, *_ in records}
+    recorded_keys = {(c, env, a, e) for c, env, a, e, *_ in records}
     # An id sent twice (a retry) counts once.
-    accepted_keys: dict[tuple[str, str, str], tuple[str, str, str, str, int, str]] = {}
+    accepted_keys: dict[tuple[str, str, str, str], tuple[str, str, str, str, int, str]] = {}
     for entry in ledger.accepted:
-        accepted_keys.setdefault((entry[0], entry[2], entry[3]), entry)
+        accepted_keys.setdefault(entry[:4], entry)
     lost = sorted(k for k in accepted_keys if k not in recorded_keys)
 
     observed_accepted: Counter[tuple[str, str]] = Counter(
@@ -82,13 +85,15 @@ def check(ledger: Ledger, dsn: str) -> Report:
     }
 
     out_of_order: list[str] = []
-    by_agent: dict[tuple[str, str], list[tuple[int, str, int]]] = defaultdict(list)
-    for customer, agent, event_id, seq, boot, status, reason, offset in records:
+    by_agent: dict[tuple[str, str, str], list[tuple[int, str, int]]] = defaultdict(list)
+    for customer, env, agent, event_id, seq, boot, status, reason, offset in records:
         if status == "rejected" and reason and reason.startswith("stale sequence"):
-            out_of_order.append(f"{customer}/{agent}/{event_id}: {reason}")
-        by_agent[(customer, agent)].append((offset, boot, seq))
-    for (customer, agent), rows in by_agent.items():
+            out_of_order.append(f"{customer}/{env}/{agent}/{event_id}: {reason}")
+        by_agent[(customer, env, agent)].append((offset, boot, seq))
+    for (customer, env, agent), rows in by_agent.items():
         for (_o1, boot1, seq1), (o2, boot2, seq2) in itertools.pairwise(rows):
             if boot1 == boot2 and seq2 <= seq1:
-                out_of_order.append(f"{customer}/{agent}: seq {seq2} at offset {o2} after {seq1}")
+                out_of_order.append(
+                    f"{customer}/{env}/{agent}: seq {seq2} at offset {o2} after {seq1}"
+                )
     return Report(len(accepted_keys), len(records), lost, duplicated, out_of_order)
