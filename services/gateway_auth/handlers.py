@@ -14,14 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from services.gateway_auth.keys import (
-    METRICS,
-    REQUEST_ID,
-    SERVICE,
-    SETTINGS,
-    STORE,
-    TRUST,
-)
+from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
 from services.gateway_auth.models import (
     AuditItem,
     AuditList,
