@@ -14,6 +14,7 @@ Plain logic; no aiohttp.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 from urllib.parse import unquote
 
@@ -97,18 +98,20 @@ class NameCheck:
     """``escaped_certificate_refusal`` with its verdicts kept per certificate.
 
     Keyed by everything the verdict depends on (the forwarded certificate,
-    identity and serial), so a hit never answers for another certificate; in
-    practice one entry per serial the edge sees.
+    by its SHA-256, identity and serial), so a hit never answers for another
+    certificate; in practice one entry per serial the edge sees, about 200
+    bytes each (the certificate itself would be six times that).
     """
 
     def __init__(self, max_entries: int = MAX_VERDICTS) -> None:
-        self._verdicts: dict[tuple[str, AgentIdentity, str], str | None] = {}
+        self._verdicts: dict[tuple[bytes, AgentIdentity, str], str | None] = {}
         self._max_entries = max_entries
 
     def refusal(self, escaped_pem: str | None, identity: AgentIdentity, serial: str) -> str | None:
         if escaped_pem is None:
             return NO_CERTIFICATE
-        key = (escaped_pem, identity, serial)
+        digest = hashlib.sha256(escaped_pem.encode("utf-8", "surrogatepass")).digest()
+        key = (digest, identity, serial)
         try:
             return self._verdicts[key]
         except KeyError:

@@ -147,3 +147,8 @@ def test_the_edge_check_applies_the_names_rule_after_the_trust_state(
         for outcome in ("allowed", "refused")
     }
     assert counted == {"allowed": 1, "refused": 3}
+
+
+def test_any_forwarded_text_gets_a_verdict(ca: CertificateAuthority) -> None:
+    check = names.NameCheck()
+    assert check.refusal("\udcff\ud800", ACME, "01") == names.UNREADABLE
