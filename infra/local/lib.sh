@@ -186,3 +186,17 @@ CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"
 # and operator listeners, a no-op upstream, the enrollment listener): the GoTestWAF probe and
 # `make bench ONLY=edge`.
 EDGE_PROBE_BASE_PORT="${FLEETPLANE_EDGE_PROBE_BASE_PORT:-18450}"
+
+# Monitoring (infra/local/observability.sh): Prometheus, Alertmanager, the
+# PostgreSQL exporter and mtail (the edge's access log), from Debian's packages, on 127.0.0.1. Alertmanager's
+# default is 19094, not its usual 9093 shape, because 19093 is Kafka's controller.
+PROMETHEUS_PORT="${FLEETPLANE_PROMETHEUS_PORT:-19090}"
+ALERTMANAGER_PORT="${FLEETPLANE_ALERTMANAGER_PORT:-19094}"
+POSTGRES_EXPORTER_PORT="${FLEETPLANE_POSTGRES_EXPORTER_PORT:-19187}"
+EDGE_EXPORTER_PORT="${FLEETPLANE_EDGE_EXPORTER_PORT:-19903}"
+# The broker's metrics: the Prometheus JMX exporter, as a Java agent in Kafka's JVM
+# (kafka.sh adds it when setup.sh has fetched the jar).
+KAFKA_METRICS_PORT="${FLEETPLANE_KAFKA_METRICS_PORT:-19095}"
+JMX_EXPORTER_VERSION="1.0.1"
+JMX_EXPORTER_JAR="$CACHE_DIR/jmx_prometheus_javaagent-$JMX_EXPORTER_VERSION.jar"
+OBSERVABILITY_DIR="${FLEETPLANE_OBSERVABILITY_DIR:-$RUN_DIR/observability}"

@@ -29,7 +29,7 @@ from services.controller.ops_web import register_ops
 from services.controller.pipeline import Applier, CommandTimer, GuardedSeek, Ownerships
 from services.controller.settings import ControllerSettings
 from services.controller.topics import TopicDeadLetters, events_topic
-from services.shared.db import create_engine
+from services.shared.db import create_engine, pool_use
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,15 @@ class OwnershipConsumer(faust_aiokafka.Consumer):
         assigned = {tp for tp in self.assignment() if tp.topic == ownerships.topic}
         if not assigned:
             return {}
+        if app.consumer_generation_id != app.claimed_generation:
+            # Every generation claims every assigned partition afresh, even one held
+            # before: another member may have claimed it in a generation between,
+            # and a batch applied under the old claim would be fenced with nothing
+            # left to claim the partition again (a stall until the next rebalance).
+            # faust seeks twice per assignment (recovery, fetcher); the second claims
+            # nothing new.
+            ownerships.release(list(ownerships.held()))
+            app.claimed_generation = app.consumer_generation_id
         log_start = await self.earliest_offsets(*assigned)
         claims = await ownerships.claim(
             [tp.partition for tp in assigned],
@@ -101,6 +110,8 @@ class ControllerApp(faust.App):
     metrics: ControllerMetrics
     applier: Applier
     drain_timeout_s: float
+    claimed_generation: int = -1
+    """The consumer-group generation whose assignment was last claimed."""
 
     def _new_transport(self) -> Any:
         return OwnershipTransport(self.conf.broker_consumer, self)
@@ -311,6 +322,8 @@ def _register_pages(app: ControllerApp) -> None:
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
+        for state, connections in pool_use(app.engine).items():
+            app.metrics.database_pool.labels(state).set(connections)
         # aiohttp refuses a charset inside content_type; the exposition format is UTF-8.
         return web.bytes(
             generate_latest(app.metrics.registry), content_type="text/plain; version=0.0.4"

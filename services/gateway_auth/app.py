@@ -62,6 +62,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     token = current_request_id.set(request_id)
+    started = time.perf_counter()
     response: web.StreamResponse
     try:
         response = await handler(request)
@@ -96,6 +97,9 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     request.app[METRICS].requests.labels(
         route=route, method=method, status=str(response.status)
     ).inc()
+    request.app[METRICS].request_duration.labels(route=route, method=method).observe(
+        time.perf_counter() - started
+    )
     response.headers["X-Request-Id"] = request_id
     return response
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from services.gateway_auth import expiry
 from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
 from services.gateway_auth.models import (
     AuditItem,
@@ -274,6 +275,17 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    expiry.refresh(
+        request.app[METRICS].certificate_expiry,
+        {
+            "edge-server": settings.edge_server_cert,
+            "internal-server": settings.tls_cert,
+            "internal-ca": settings.edge_ca,
+            "issuing-ca": settings.issuing_ca_cert,
+            "root-ca": settings.root_ca_cert,
+        },
+    )
     payload = generate_latest(request.app[METRICS].registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -17,7 +17,7 @@ from typing import Any, Final
 import psycopg
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.gateway_auth.csr import CsrRefused, check_csr
 from services.gateway_auth.names import NameCheck
@@ -51,6 +51,8 @@ class GatewayMetrics:
     refusals: Counter
     edge_checks: Counter
     revocation_delay: Histogram
+    certificate_expiry: Gauge
+    request_duration: Histogram
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -62,6 +64,8 @@ class GatewayMetrics:
             refusals=specs.counter(registry, specs.GATEWAY_AUTH_REFUSALS),
             edge_checks=specs.counter(registry, specs.GATEWAY_AUTH_EDGE_CHECKS),
             revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
+            certificate_expiry=specs.gauge(registry, specs.CERTIFICATE_EXPIRY),
+            request_duration=specs.histogram(registry, specs.GATEWAY_AUTH_REQUEST_DURATION),
         )
 
 

@@ -7,6 +7,7 @@ folder, exactly as a developer would start it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -31,6 +33,11 @@ PORTS = {
     "FLEETPLANE_OPERATOR_PORT": 28444,
     "FLEETPLANE_ENROLL_PORT": 28445,
     "FLEETPLANE_GATEWAY_AUTH_PORT": 28083,
+    "FLEETPLANE_PROMETHEUS_PORT": 29090,
+    "FLEETPLANE_ALERTMANAGER_PORT": 29094,
+    "FLEETPLANE_POSTGRES_EXPORTER_PORT": 29187,
+    "FLEETPLANE_EDGE_EXPORTER_PORT": 29903,
+    "FLEETPLANE_KAFKA_METRICS_PORT": 29095,
 }
 API_PORTS = (28081, 28082)
 CONTROLLER_PORTS = (28091, 28092)
@@ -79,6 +86,20 @@ def run_env() -> Iterator[dict[str, str]]:
     yield env
     # Whatever happened, leave nothing behind for the next test.
     subprocess.run(["make", "stop"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+
+
+def scrape_health(prometheus: str) -> dict[str, list[str]]:
+    """Prometheus's targets, job -> health of each; waits out the first scrape."""
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(f"{prometheus}/api/v1/targets", timeout=5) as reply:
+            targets = json.load(reply)["data"]["activeTargets"]
+        health: dict[str, list[str]] = {}
+        for target in targets:
+            health.setdefault(target["labels"]["job"], []).append(target["health"])
+        if all(h == "up" for hs in health.values() for h in hs) or time.monotonic() > deadline:
+            return health
+        time.sleep(1)
 
 
 OWNER_LINE: Final = re.compile(r"^\s+(\S+)\s+partitions ([\d,]+)\s+lag \d+", re.MULTILINE)
@@ -134,6 +155,20 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
         shown = shown_ownership(output)
         assert len(shown) == 2, f"ownership shown: {shown}\n{output[-3000:]}"
         assert sorted(p for held in shown.values() for p in held) == list(range(12)), shown
+        # Monitoring: shown, and scraping every service of this stack.
+        prometheus = f"http://127.0.0.1:{PORTS['FLEETPLANE_PROMETHEUS_PORT']}"
+        assert prometheus in output
+        assert f":{PORTS['FLEETPLANE_ALERTMANAGER_PORT']}" in output
+        assert scrape_health(prometheus) == {
+            "fleetplane-api": ["up", "up"],
+            "fleetplane-gateway-auth": ["up"],
+            "fleetplane-controller": ["up", "up"],
+            "postgres": ["up"],
+            "edge": ["up"],
+            "kafka": ["up"],
+            "prometheus": ["up"],
+            "alertmanager": ["up"],
+        }
     finally:
         stop = subprocess.run(
             ["make", "stop"], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=180
