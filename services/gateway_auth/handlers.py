@@ -35,6 +35,7 @@ from services.shared.edge_auth import (
     operator_credentials_from_request,
 )
 from services.shared.identity_journal import JournalUnavailable
+from services.shared.jsonbody import refuse_duplicate_keys
 from services.shared.operator_keys import secret_matches
 from services.shared.params import path_id, query_int
 from services.shared.problems import (
@@ -93,6 +94,7 @@ async def _body(request: web.Request, model: type[Body]) -> Body:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
         raise PayloadTooLarge("the body is larger than gateway_auth accepts") from e
+    refuse_duplicate_keys(raw)
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
@@ -244,6 +246,8 @@ async def renew(request: web.Request) -> web.Response:
 
 async def authz(request: web.Request) -> web.Response:
     """nginx ``auth_request``: 200 passes the agent's request on, 401 refuses it.
+
+    What is refused: ``TrustKeeper.check``.
 
     nginx understands only 2xx, 401 and 403 from here; the edge turns 401 into a
     403 problem for the agent, whose detail is ``X-Fleetplane-Refusal``. Anyone

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.gateway_auth.csr import CsrRefused, check_csr
+from services.gateway_auth.names import NameCheck
 from services.gateway_auth.pki import CertificateAuthority
 from services.gateway_auth.problems import (
     CertificateRefused,
@@ -114,6 +115,7 @@ class TrustKeeper:
         self._metrics = metrics
         self._clock = clock
         self._observed: set[str] = set()
+        self._names = NameCheck()
 
     async def reload(self, connection: psycopg.AsyncConnection[Any]) -> None:
         self.state = await load_trust_state(connection)
@@ -124,9 +126,12 @@ class TrustKeeper:
         if self.state is not None:
             self.state = replace(self.state, issued_at={**self.state.issued_at, serial: issued_at})
 
-    def check(self, certificate: AgentCertificate) -> str | None:
+    def check(self, certificate: AgentCertificate, *, names: bool = True) -> str | None:
         """None when the edge may pass the request on; else why it must refuse.
 
+        Refused: a revoked certificate, one of a retired or unknown issuing CA,
+        and (unless ``names`` is False) one whose names are ambiguous
+        (``services.gateway_auth.names``), which needs the certificate itself.
         Raises Unauthenticated when the edge forwarded no serial or issuer (a
         configuration error at the edge: refusing is the safe answer).
         """
@@ -142,8 +147,15 @@ class TrustKeeper:
         now = self._clock()
         refused = state.refusal(certificate.identity, serial, certificate.issuer_dn, now)
         if refused is None:
-            self._metrics.edge_checks.labels(outcome="allowed").inc()
-            return None
+            ambiguous = (
+                self._names.refusal(
+                    certificate.escaped_pem, certificate.identity, certificate.serial
+                )
+                if names
+                else None
+            )
+            self._metrics.edge_checks.labels(outcome="refused" if ambiguous else "allowed").inc()
+            return ambiguous
         reason, revocation = refused
         self._metrics.edge_checks.labels(outcome="refused").inc()
         if revocation is not None and serial not in self._observed:
@@ -284,7 +296,9 @@ class IdentityService:
         self, current: AgentCertificate, csr_pem: str, *, request_id: str | None
     ) -> IssuedAgentCertificate:
         """A new certificate with the same identity, for the holder of a current one."""
-        reason = self.trust.check(current)
+        # The edge forwards the certificate itself to its own check only, which
+        # applied the names rule to this very request before passing it on.
+        reason = self.trust.check(current, names=False)
         if reason is not None:
             raise self._refuse(CertificateRefused(f"{reason}; renewal refused"), "revoked")
         identity = current.identity
