@@ -126,6 +126,13 @@ class TrustKeeper:
         if self.state is not None:
             self.state = replace(self.state, issued_at={**self.state.issued_at, serial: issued_at})
 
+    def note_issuer(self, issuer_dn: str) -> None:
+        """An issuing CA this process just registered is trusted at once here, so an
+        agent it enrolls is not refused before the NOTIFY reloads the state (other
+        processes learn it from that NOTIFY)."""
+        if self.state is not None and issuer_dn not in self.state.issuers:
+            self.state = replace(self.state, issuers={**self.state.issuers, issuer_dn: None})
+
     def check(self, certificate: AgentCertificate, *, names: bool = True) -> str | None:
         """None when the edge may pass the request on; else why it must refuse.
 
@@ -188,6 +195,7 @@ class IdentityService:
         if dn not in self._registered:
             if await self.store.register_issuer(dn, ca.certificate_pem.decode()):
                 log.info("registered issuing CA %s", dn)
+                self.trust.note_issuer(dn)
             self._registered.add(dn)
         return ca
 
