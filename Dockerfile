@@ -1,6 +1,9 @@
 # One image for every Python service of Fleetplane; docker-compose.yml picks the
 # module to run (ENTRYPOINT is `python -m`), e.g. `services.api`.
-FROM python:3.11-slim
+# The Debian release is pinned: its postgresql-client-15 gives pg_dump and
+# pg_restore of the server's major version (compose runs postgres:15); a newer
+# client writes settings an older server refuses. tests/unit/compose checks this.
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -14,6 +17,11 @@ RUN groupadd --system --gid 10001 fleetplane \
     && useradd --system --uid 10001 --gid fleetplane --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin fleetplane \
     && mkdir /pki && chown fleetplane:fleetplane /pki
+
+# The backup service's pg_dump and pg_restore (services.backup, BackupSettings.pg_bin).
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends postgresql-client-15 \
+    && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /build
 

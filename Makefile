@@ -37,6 +37,7 @@ stop: ## stop everything `make run` started
 	bash infra/local/stop-run.sh
 	-bash infra/local/demo.sh stop
 	bash infra/local/services.sh stop
+	bash infra/local/observability.sh stop
 	bash $(STACK) down
 
 .PHONY: lint

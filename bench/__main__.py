@@ -11,12 +11,17 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import ceiling, edge, failover
+from bench import backup, ceiling, edge, failover
 from bench.results_file import RESULTS, merge
 from tests.support.stack import Stack
 
 Section = Callable[[Stack], tuple[dict[str, Any], dict[str, Any]]]
-SECTIONS: dict[str, Section] = {"ceiling": ceiling.run, "failover": failover.run, "edge": edge.run}
+SECTIONS: dict[str, Section] = {
+    "ceiling": ceiling.run,
+    "failover": failover.run,
+    "edge": edge.run,
+    "backup": backup.run,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,9 +100,14 @@ start() {
         die "kafka: jars missing in $KAFKA_LIBS; run infra/local/setup.sh"
     require_free_port kafka "$KAFKA_PORT"
     require_free_port "kafka controller" "$KAFKA_CONTROLLER_PORT"
+    require_free_port "kafka metrics" "$KAFKA_METRICS_PORT"
     write_config
     format_storage
     mapfile -t opts < <(java_opts)
+    # The broker's metrics for Prometheus (infra/local/observability.sh scrapes them).
+    if [[ -f "$JMX_EXPORTER_JAR" ]]; then
+        opts+=("-javaagent:$JMX_EXPORTER_JAR=127.0.0.1:$KAFKA_METRICS_PORT:$REPO_ROOT/infra/observability/kafka-jmx.yml")
+    fi
     # setsid: the broker leads its own process group, away from the caller's
     # terminal signals, and stop_pid can kill the whole group if it must.
     setsid java "${opts[@]}" -cp "$KAFKA_LIBS/*" kafka.Kafka "$PROPS" \

@@ -186,3 +186,35 @@ CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"
 # and operator listeners, a no-op upstream, the enrollment listener): the GoTestWAF probe and
 # `make bench ONLY=edge`.
 EDGE_PROBE_BASE_PORT="${FLEETPLANE_EDGE_PROBE_BASE_PORT:-18450}"
+
+# S3-compatible object storage for backups: Versity Gateway (Apache-2.0) with its
+# posix backend, built once with `go install` and cached (infra/local/s3.sh).
+VERSITYGW_VERSION="1.7.0"
+VERSITYGW_BIN="$CACHE_DIR/versitygw-$VERSITYGW_VERSION/versitygw"
+S3_PORT="${FLEETPLANE_S3_PORT:-18900}"
+S3_BUCKET="${FLEETPLANE_S3_BUCKET:-fleetplane-backups}"
+S3_ACCESS_KEY="${FLEETPLANE_S3_ACCESS_KEY:-fleetplane}"
+S3_SECRET_KEY="${FLEETPLANE_S3_SECRET_KEY:-fleetplane-secret}"
+S3_URL="${FLEETPLANE_S3_ENDPOINT:-http://127.0.0.1:$S3_PORT}"
+export FLEETPLANE_S3_PORT="$S3_PORT" FLEETPLANE_S3_BUCKET="$S3_BUCKET"
+export FLEETPLANE_S3_ACCESS_KEY="$S3_ACCESS_KEY"
+export FLEETPLANE_S3_SECRET_KEY="$S3_SECRET_KEY"
+# The backup schedule (services.sh: python -m services.backup schedule): its
+# metrics port, and the age key its backups are encrypted to (made once; the
+# identity sits with the root CA's key, away from the running services' folder).
+BACKUP_METRICS_PORT="${FLEETPLANE_BACKUP_METRICS_PORT:-18990}"
+export FLEETPLANE_BACKUP_AGE_IDENTITY_FILE="${FLEETPLANE_BACKUP_AGE_IDENTITY_FILE:-$PKI_OFFLINE_DIR/backup-age.key}"
+
+# Monitoring (infra/local/observability.sh): Prometheus, Alertmanager, the
+# PostgreSQL exporter and mtail (the edge's access log), from Debian's packages, on 127.0.0.1. Alertmanager's
+# default is 19094, not its usual 9093 shape, because 19093 is Kafka's controller.
+PROMETHEUS_PORT="${FLEETPLANE_PROMETHEUS_PORT:-19090}"
+ALERTMANAGER_PORT="${FLEETPLANE_ALERTMANAGER_PORT:-19094}"
+POSTGRES_EXPORTER_PORT="${FLEETPLANE_POSTGRES_EXPORTER_PORT:-19187}"
+EDGE_EXPORTER_PORT="${FLEETPLANE_EDGE_EXPORTER_PORT:-19903}"
+# The broker's metrics: the Prometheus JMX exporter, as a Java agent in Kafka's JVM
+# (kafka.sh adds it when setup.sh has fetched the jar).
+KAFKA_METRICS_PORT="${FLEETPLANE_KAFKA_METRICS_PORT:-19095}"
+JMX_EXPORTER_VERSION="1.0.1"
+JMX_EXPORTER_JAR="$CACHE_DIR/jmx_prometheus_javaagent-$JMX_EXPORTER_VERSION.jar"
+OBSERVABILITY_DIR="${FLEETPLANE_OBSERVABILITY_DIR:-$RUN_DIR/observability}"

@@ -25,6 +25,7 @@ stop_everything() {
     fi
     bash "$HERE/demo.sh" stop || true
     bash "$HERE/services.sh" stop || true
+    bash "$HERE/observability.sh" stop || true
     bash "$HERE/stack.sh" down || true
     rm -f "$PID_DIR/run.pid"
 }
@@ -37,7 +38,9 @@ bash "$HERE/setup.sh"
 bash "$HERE/stack.sh" up
 "$VENV_PYTHON" -m services.shared.topics
 "$VENV_PYTHON" -m services.shared.migrate
-bash "$HERE/services.sh" start
+# A backup every minute while the demo runs (the default schedule is hourly).
+FLEETPLANE_BACKUP_SCHEDULE="${FLEETPLANE_BACKUP_SCHEDULE:-* * * * *}" bash "$HERE/services.sh" start
+FLEETPLANE_CONTROLLER_PORTS="$CONTROLLER_PORTS" bash "$HERE/observability.sh" start
 
 KEY="$("$VENV_PYTHON" -m services.gateway_auth.operator_keys create --name make-run --all-customers)"
 metrics_args=()
@@ -57,6 +60,10 @@ Fleetplane is running (everything on 127.0.0.1):
   API instances       $(for p in $API_PORTS; do printf 'https://127.0.0.1:%s ' "$p"; done)
   controllers         $(for p in $CONTROLLER_PORTS; do printf 'http://127.0.0.1:%s/status ' "$p"; done)
   Kafka               127.0.0.1:$KAFKA_PORT        PostgreSQL 127.0.0.1:$PG_PORT
+  S3 (backups)        $S3_URL        bucket: $S3_BUCKET
+  backups             every minute; .venv/bin/python -m services.backup list   metrics http://127.0.0.1:$BACKUP_METRICS_PORT/metrics
+  Prometheus          http://127.0.0.1:$PROMETHEUS_PORT        alerts: http://127.0.0.1:$PROMETHEUS_PORT/alerts
+  Alertmanager        http://127.0.0.1:$ALERTMANAGER_PORT
   logs                $LOG_DIR
 Try: curl -s --cacert $PKI_DIR/root-ca.pem -H "Authorization: Bearer $KEY" \\
        https://127.0.0.1:$OPERATOR_PORT/v1/operator/customers/cust-0/environments

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The Python services of the native stack: gateway_auth, API instances and controllers.
+# The Python services of the native stack: gateway_auth, API instances, controllers
+# and the backup schedule.
 # Usage: services.sh start|stop|status
 # Needs the stack (stack.sh up), topics and migrations in place.
 set -euo pipefail
@@ -13,6 +14,22 @@ api_ready() {
 }
 
 gateway_auth_ready() { api_ready "$1"; }
+
+backup_ready() {
+    curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$1/metrics"
+}
+
+# An age key for the native stack's backups, made once (age-keygen's file format).
+ensure_backup_key() {
+    local key="$FLEETPLANE_BACKUP_AGE_IDENTITY_FILE"
+    [[ -s "$key" ]] && return 0
+    mkdir -p "$(dirname "$key")"
+    (umask 077 && "$VENV_PYTHON" -c 'import pyrage
+i = pyrage.x25519.Identity.generate()
+print(f"# public key: {i.to_public()}")
+print(i)' >"$key")
+    say "backup: age key made in $key"
+}
 
 controller_ready() {
     curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$1/readyz"
@@ -38,6 +55,7 @@ start_service() {
 api_args() { echo "services.api --port $1"; }
 gateway_auth_args() { echo "services.gateway_auth --port $1"; }
 controller_args() { echo "services.controller --web-port $1 --instance-id controller-$2"; }
+backup_args() { echo "services.backup schedule --port $1"; }
 
 start() {
     local port i=0
@@ -55,10 +73,14 @@ start() {
         # shellcheck disable=SC2046
         start_service "controller-$i" "$port" controller_ready $(controller_args "$port" "$i")
     done
+    ensure_backup_key
+    # shellcheck disable=SC2046
+    start_service backup "$BACKUP_METRICS_PORT" backup_ready $(backup_args "$BACKUP_METRICS_PORT")
 }
 
 each() {
     local action="$1" port i=0 status=0
+    "$action" backup "$BACKUP_METRICS_PORT" || status=$?
     for port in $CONTROLLER_PORTS; do
         i=$((i + 1))
         "$action" "controller-$i" "$port" || status=$?
@@ -77,6 +99,7 @@ pattern_of() {
     api-*) echo "-m $(api_args "$2")" ;;
     gateway-auth) echo "-m $(gateway_auth_args "$2")" ;;
     controller-*) echo "-m $(controller_args "$2" "${1#controller-}")" ;;
+    backup) echo "-m $(backup_args "$2")" ;;
     esac
 }
 stop_one() { stop_pid "$1" "$PID_DIR/$1.pid" "$(pattern_of "$1" "$2")"; }

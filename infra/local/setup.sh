@@ -7,6 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 APT_PACKAGES=(
     nginx libnginx-mod-http-modsecurity modsecurity-crs postgresql
     openjdk-17-jre-headless maven python3-venv curl
+    # Monitoring (infra/local/observability.sh): promtool and amtool come with them.
+    prometheus prometheus-alertmanager prometheus-postgres-exporter mtail
 )
 
 installed() {
@@ -83,6 +85,39 @@ step_kafka() {
     mv "$tmp" "$KAFKA_LIBS"
 }
 
+step_s3() {
+    if [[ -x "$VERSITYGW_BIN" ]]; then
+        say "s3: versitygw $VERSITYGW_VERSION cached in $(dirname "$VERSITYGW_BIN")"
+        return 0
+    fi
+    command -v go >/dev/null || die "s3: go is needed once to build versitygw $VERSITYGW_VERSION"
+    say "s3: building versitygw $VERSITYGW_VERSION (once; a few minutes)"
+    mkdir -p "$CACHE_DIR"
+    # Built beside the target and moved into place, so an interrupted build never
+    # looks like a finished one.
+    local tmp
+    tmp="$(mktemp -d "$CACHE_DIR/versitygw.XXXXXX")"
+    GOBIN="$tmp" go install "github.com/versity/versitygw/cmd/versitygw@v$VERSITYGW_VERSION" ||
+        { rm -rf "$tmp"; die "s3: go install of versitygw failed"; }
+    rm -rf "$(dirname "$VERSITYGW_BIN")"
+    mv "$tmp" "$(dirname "$VERSITYGW_BIN")"
+}
+
+step_jmx_exporter() {
+    if [[ -f "$JMX_EXPORTER_JAR" ]]; then
+        say "jmx exporter: $JMX_EXPORTER_VERSION cached"
+        return 0
+    fi
+    say "jmx exporter: fetching $JMX_EXPORTER_VERSION"
+    local coordinate="io.prometheus.jmx:jmx_prometheus_javaagent:$JMX_EXPORTER_VERSION"
+    mvn -q -B dependency:get -Dmaven.repo.local="$CACHE_DIR/m2" -Dartifact="$coordinate" \
+        -Dtransitive=false || die "jmx exporter: maven could not fetch $coordinate"
+    # Copied beside the target and moved: an interrupted copy never looks complete.
+    cp "$CACHE_DIR/m2/io/prometheus/jmx/jmx_prometheus_javaagent/$JMX_EXPORTER_VERSION/$(basename "$JMX_EXPORTER_JAR")" \
+        "$JMX_EXPORTER_JAR.tmp"
+    mv "$JMX_EXPORTER_JAR.tmp" "$JMX_EXPORTER_JAR"
+}
+
 step_pki() {
     # Idempotent and quick: creates what is missing or stale, and moves a root
     # key left in the service folder by older versions to the offline folder.
@@ -90,9 +125,11 @@ step_pki() {
         --dir "$PKI_DIR" --offline-dir "$PKI_OFFLINE_DIR")
 }
 
-mkdir -p "$RUN_DIR"/{kafka,postgres,nginx,pki,logs,pids}
+mkdir -p "$RUN_DIR"/{kafka,postgres,nginx,pki,logs,pids,s3}
 step_apt
 step_venv
 step_kafka
+step_s3
+step_jmx_exporter
 step_pki
 say "setup: done in $(elapsed)"

@@ -9,15 +9,17 @@ up() {
     bash "$HERE/kafka.sh" start
     bash "$HERE/postgres.sh" start
     bash "$HERE/nginx.sh" start
+    bash "$HERE/s3.sh" start
     say "stack: up in $(elapsed)"
 }
 
 down() {
+    bash "$HERE/s3.sh" stop
     bash "$HERE/nginx.sh" stop
     bash "$HERE/postgres.sh" stop
     bash "$HERE/kafka.sh" stop
     local port busy=0
-    for port in "$EDGE_PORT" "$PG_PORT" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+    for port in "$EDGE_PORT" "$PG_PORT" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$S3_PORT"; do
         if port_open "$port"; then
             say "stack: 127.0.0.1:$port is still listening"
             busy=1
@@ -32,6 +34,7 @@ status() {
     bash "$HERE/kafka.sh" status || rc=1
     bash "$HERE/postgres.sh" status || rc=1
     bash "$HERE/nginx.sh" status || rc=1
+    bash "$HERE/s3.sh" status || rc=1
     return "$rc"
 }
 

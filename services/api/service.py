@@ -33,6 +33,7 @@ from services.shared.events import (
     EventBatch,
 )
 from services.shared.identity import AgentIdentity
+from services.shared.jsonbody import refuse_duplicate_keys
 from services.shared.problems import (
     FieldError,
     MalformedRequest,
@@ -164,9 +165,11 @@ def _body_problem(
 def parse_batch(body: bytes) -> EventBatch:
     """Parse and validate a ``POST /v1/events`` body.
 
-    Raises MalformedRequest when the body is not JSON, ValidationFailed (with one
-    error per invalid field, or per repeated event id) when it is not a valid batch.
+    Raises MalformedRequest when the body is not JSON or an object in it repeats
+    a key (``DuplicateKey``), ValidationFailed (with one error per invalid
+    field, or per repeated event id) when it is not a valid batch.
     """
+    refuse_duplicate_keys(body)
     try:
         batch = EventBatch.model_validate_json(body)
     except ValidationError as e:
@@ -214,10 +217,11 @@ def build_records(
 def parse_desired_state(body: bytes) -> DesiredState:
     """Parse and validate a desired-state body (strict, like an event batch).
 
-    Raises MalformedRequest when the body is not JSON, ValidationFailed (one error
-    per invalid field; ``$`` for a cross-field rule such as repeated resources)
-    otherwise.
+    Raises MalformedRequest when the body is not JSON or repeats a key in an
+    object, ValidationFailed (one error per invalid field; ``$`` for a
+    cross-field rule such as repeated resources) otherwise.
     """
+    refuse_duplicate_keys(body)
     try:
         return DesiredState.model_validate_json(body)
     except ValidationError as e:

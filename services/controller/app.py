@@ -26,7 +26,7 @@ from services.controller.ops_web import register_ops
 from services.controller.pipeline import Applier, CommandTimer, LogStart, Ownerships, Seek
 from services.controller.settings import ControllerSettings
 from services.controller.topics import TopicDeadLetters
-from services.shared.db import create_engine
+from services.shared.db import create_engine, pool_use
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,8 @@ def _register_pages(app: ControllerApp) -> None:
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
+        for state, connections in pool_use(app.engine).items():
+            app.metrics.database_pool.labels(state).set(connections)
         # aiohttp refuses a charset inside content_type; the exposition format is UTF-8.
         return web.bytes(
             generate_latest(app.metrics.registry), content_type="text/plain; version=0.0.4"

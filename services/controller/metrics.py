@@ -22,4 +22,7 @@ class ControllerMetrics:
         self.resync_requests = m.counter(self.registry, m.CONTROLLER_RESYNC_REQUESTS)
         self.partition_lag = m.gauge(self.registry, m.CONTROLLER_PARTITION_LAG)
         self.oldest_pending_age = m.gauge(self.registry, m.CONTROLLER_OLDEST_PENDING_AGE)
+        self.accept_to_applied = m.histogram(self.registry, m.CONTROLLER_ACCEPT_TO_APPLIED)
+        self.database_pool = m.gauge(self.registry, m.DATABASE_POOL_CONNECTIONS)
+        self.environments = m.gauge(self.registry, m.ENVIRONMENTS_BY_LIVENESS)
         self.records_pruned = m.counter(self.registry, m.CONTROLLER_RECORDS_PRUNED)

@@ -18,13 +18,13 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared.schema import environments, event_records, partition_ownership
@@ -53,15 +53,65 @@ class CustomerPartitions:
     def __init__(self) -> None:
         self._known: dict[tuple[str, int], int] = {}
 
+    def partition(self, customer: str, partitions: int) -> int:
+        key = (customer, partitions)
+        partition = self._known.get(key)
+        if partition is None:
+            partition = self._known[key] = partition_of(customer, partitions)
+        return partition
+
     def count(self, customers: Iterable[str], partitions: int) -> Counter[int]:
-        counts: Counter[int] = Counter()
-        for customer in customers:
-            key = (customer, partitions)
-            partition = self._known.get(key)
-            if partition is None:
-                partition = self._known[key] = partition_of(customer, partitions)
-            counts[partition] += 1
-        return counts
+        return Counter(self.partition(customer, partitions) for customer in customers)
+
+
+LIVENESS_STATES = ("connected", "unknown", "lost", "never_seen")
+"""The operator API's liveness states (services/api/models.py Liveness)."""
+
+
+async def count_environments(
+    conn: AsyncConnection, *, connected_s: float, lost_s: float
+) -> list[tuple[str, str, int]]:
+    """(customer, liveness, environments) for every customer, liveness as the API derives it.
+
+    The heartbeat's age is taken on the database's clock, as the API's reads are; a
+    heartbeat stamped slightly in the future counts as connected, as there.
+    """
+    heartbeat = environments.c.last_heartbeat_at
+    age = func.now() - heartbeat
+    state = case(
+        (heartbeat.is_(None), "never_seen"),
+        (age <= timedelta(seconds=connected_s), "connected"),
+        (age <= timedelta(seconds=lost_s), "unknown"),
+        else_="lost",
+    ).label("liveness")
+    rows = await conn.execute(
+        select(environments.c.customer_id, state, func.count()).group_by(
+            environments.c.customer_id, state
+        )
+    )
+    return [(str(c), str(s), int(n)) for c, s, n in rows]
+
+
+def liveness_of_owned(
+    counts: Iterable[tuple[str, str, int]],
+    owned: Iterable[int],
+    partitions: int,
+    customer_partitions: CustomerPartitions,
+) -> dict[tuple[str, str], int]:
+    """The (customer, liveness) -> environments of the customers whose partition is owned.
+
+    Every state of such a customer is present, 0 included, so a series does not vanish
+    when its last environment changes state.
+    """
+    held = set(owned)
+    gauges: dict[tuple[str, str], int] = {}
+    for customer, liveness, n in counts:
+        if customer_partitions.partition(customer, partitions) not in held:
+            continue
+        for state in LIVENESS_STATES:
+            gauges.setdefault((customer, state), 0)
+        gauges[(customer, liveness)] += n
+    return gauges
 
 
 @dataclass(slots=True)

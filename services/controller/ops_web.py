@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import faust
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.controller.metrics import ControllerMetrics
@@ -19,6 +20,8 @@ from services.controller.ops import (
     CustomerPartitions,
     StallTracker,
     collect_status,
+    count_environments,
+    liveness_of_owned,
     read_log_offsets,
     read_record_times,
 )
@@ -142,6 +145,43 @@ def register_ops(
             stalls=stalls,
             fetched=pending(),
         )
+        publish_environments()
+
+    # Environments by customer and liveness, for the customers this controller owns:
+    # one exporter per customer across the group, so sums over controllers hold. The
+    # database is read every liveness_export_interval_s; which customers are exported
+    # follows ownership every second (with the lag), so after a rebalance a customer
+    # is not counted by its old and new owner for longer than that.
+    environment_counts: list[tuple[str, str, int]] = []
+    exported_environments: set[tuple[str, str]] = set()
+
+    @app.timer(interval=settings.liveness_export_interval_s, name="environments-by-liveness")  # type: ignore[untyped-decorator]  # faust leaves timer untyped
+    async def count_environments_now() -> None:
+        nonlocal environment_counts
+        if not ownerships.held():
+            return
+        try:
+            async with engine.connect() as conn:
+                environment_counts = await count_environments(
+                    conn,
+                    connected_s=settings.liveness_connected_s,
+                    lost_s=settings.liveness_lost_s,
+                )
+        except (SQLAlchemyError, OSError) as e:
+            # The database is down: keep the last counts; the apply path and its
+            # alerts say so. The next tick tries again.
+            logger.warning("environments by liveness: %s", e)
+
+    def publish_environments() -> None:
+        nonlocal exported_environments
+        gauges = liveness_of_owned(
+            environment_counts, ownerships.held(), kafka.topic_partitions, customers
+        )
+        for (customer, liveness), n in gauges.items():
+            metrics.environments.labels(customer, liveness).set(n)
+        for customer, liveness in exported_environments - gauges.keys():
+            metrics.environments.remove(customer, liveness)
+        exported_environments = set(gauges)
 
     pruner = RecordPruner(
         engine,

@@ -571,6 +571,8 @@ class Applier:
 
     def _advance(self, work: dict[int, _PartitionWork], plans: dict[int, Plan]) -> None:
         """Account for committed ``work``: stored offsets in memory, and what it applied."""
+        # Wall clock on both sides: accepted_at is the API's stamp, in another process.
+        committed_at = time.time()
         for partition, item in work.items():
             self._ownerships.advance(partition, item.next_offset)
             plan = plans[partition]
@@ -579,6 +581,9 @@ class Applier:
                 self._metrics.events_applied.labels(
                     outcome.decoded.record.event.type, outcome.status
                 ).inc()
+                self._metrics.accept_to_applied.observe(
+                    max(committed_at - outcome.decoded.record.accepted_at.timestamp(), 0.0)
+                )
             for audit in plan.audits:
                 self._metrics.events_applied.labels("desired_state", audit.outcome).inc()
             for reason in plan.resync_requests:

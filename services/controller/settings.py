@@ -94,6 +94,15 @@ class ControllerSettings(BaseSettings):
     still in Kafka can be read again (an offset reset, a replay), and once its key is
     pruned it would apply a second time. The controller refuses to start otherwise.
     """
+    liveness_connected_s: float = Field(default=30.0, gt=0)
+    """For the fleetplane_environments gauge: a heartbeat at most this old is ``connected``.
+    Keep equal to the API's ``FLEETPLANE_API_LIVENESS_CONNECTED_S``, so the gauge and the
+    operator API agree."""
+    liveness_lost_s: float = Field(default=120.0, gt=0)
+    """Older than ``liveness_connected_s`` but at most this old: ``unknown``; older: ``lost``
+    (the API's ``FLEETPLANE_API_LIVENESS_LOST_S``)."""
+    liveness_export_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    """How often each controller counts the environments of the customers it owns."""
     prune_interval_s: float = Field(default=60.0, gt=0, le=3600)
     """How often each controller prunes expired event records of the partitions it owns."""
     prune_chunk_rows: int = Field(default=5000, ge=1, le=100_000)

@@ -32,6 +32,7 @@ from services.gateway_auth.service import GatewayMetrics, IdentityService, Issui
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
 from services.shared.db import create_engine
+from services.shared.identity_journal import IdentityJournal
 from services.shared.logs import current_request_id
 from services.shared.notify import StateFollower
 from services.shared.problems import (
@@ -62,6 +63,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     token = current_request_id.set(request_id)
+    started = time.perf_counter()
     response: web.StreamResponse
     try:
         response = await handler(request)
@@ -96,6 +98,9 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     request.app[METRICS].requests.labels(
         route=route, method=method, status=str(response.status)
     ).inc()
+    request.app[METRICS].request_duration.labels(route=route, method=method).observe(
+        time.perf_counter() - started
+    )
     response.headers["X-Request-Id"] = request_id
     return response
 
@@ -110,11 +115,14 @@ def create_app(settings: GatewayAuthSettings) -> web.Application:
     @asynccontextmanager
     async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         engine = create_engine(settings.database, application_name="fleetplane-gateway-auth")
-        app[STORE] = IdentityStore(engine)
+        journal = IdentityJournal(settings.kafka.kafka_bootstrap, settings.kafka.identity_topic)
+        await journal.start()
+        app[STORE] = IdentityStore(engine, journal)
         try:
             yield
         finally:
             await engine.dispose()
+            await journal.stop()
 
     @asynccontextmanager
     async def service_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from services.gateway_auth import expiry
 from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
 from services.gateway_auth.models import (
     AuditItem,
@@ -33,6 +34,8 @@ from services.shared.edge_auth import (
     is_edge,
     operator_credentials_from_request,
 )
+from services.shared.identity_journal import JournalUnavailable
+from services.shared.jsonbody import refuse_duplicate_keys
 from services.shared.operator_keys import secret_matches
 from services.shared.params import path_id, query_int
 from services.shared.problems import (
@@ -52,7 +55,15 @@ log = logging.getLogger(__name__)
 REFUSAL_HEADER: Final = "X-Fleetplane-Refusal"
 AUDIT_LIMIT_DEFAULT: Final = 100
 AUDIT_LIMIT_MAX: Final = 500
-_DATABASE_DOWN: Final = (OperationalError, InterfaceError, PoolTimeoutError, OSError)
+# The identity journal (Kafka) refusing an entry rolls the change back: the same
+# "retry later" as the database being down.
+_DATABASE_DOWN: Final = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+    OSError,
+    JournalUnavailable,
+)
 Body = TypeVar("Body", bound=BaseModel)
 
 
@@ -83,6 +94,7 @@ async def _body(request: web.Request, model: type[Body]) -> Body:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
         raise PayloadTooLarge("the body is larger than gateway_auth accepts") from e
+    refuse_duplicate_keys(raw)
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
@@ -235,6 +247,8 @@ async def renew(request: web.Request) -> web.Response:
 async def authz(request: web.Request) -> web.Response:
     """nginx ``auth_request``: 200 passes the agent's request on, 401 refuses it.
 
+    What is refused: ``TrustKeeper.check``.
+
     nginx understands only 2xx, 401 and 403 from here; the edge turns 401 into a
     403 problem for the agent, whose detail is ``X-Fleetplane-Refusal``. Anyone
     but the edge gets the same 401, as a problem body.
@@ -270,6 +284,17 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    expiry.refresh(
+        request.app[METRICS].certificate_expiry,
+        {
+            "edge-server": settings.edge_server_cert,
+            "internal-server": settings.tls_cert,
+            "internal-ca": settings.edge_ca,
+            "issuing-ca": settings.issuing_ca_cert,
+            "root-ca": settings.root_ca_cert,
+        },
+    )
     payload = generate_latest(request.app[METRICS].registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -13,25 +13,38 @@ CA rotation, step by step (docs/threat-model.md, "Agent identity lifecycle"):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 
 import psycopg
 
+from services.shared.identity_journal import JournalUnavailable, append_once
 from services.shared.revocations import IDENTITY_CHANNEL
-from services.shared.settings import DatabaseSettings
+from services.shared.settings import DatabaseSettings, KafkaSettings
 
 
-def retire(dsn: str, subject_dn: str, after_s: float) -> bool:
-    """Trust the issuing CA only ``after_s`` seconds more; False if it is not registered."""
+def retire(dsn: str, subject_dn: str, after_s: float, kafka: KafkaSettings | None = None) -> bool:
+    """Trust the issuing CA only ``after_s`` seconds more; False if it is not registered.
+
+    With ``kafka``, the change is appended to the identity journal before the
+    commit, so a restore of an older backup does not trust the CA again.
+    """
     with psycopg.connect(dsn) as conn:
-        cursor = conn.execute(
+        row = conn.execute(
             "UPDATE issuing_cas SET retire_at = now() + make_interval(secs => %s) "
-            "WHERE subject_dn = %s",
+            "WHERE subject_dn = %s RETURNING retire_at",
             (after_s, subject_dn),
-        )
+        ).fetchone()
+        if kafka is not None and row is not None:
+            entry = {"subject_dn": subject_dn, "retire_at": row[0]}
+            asyncio.run(
+                append_once(
+                    kafka.kafka_bootstrap, kafka.identity_topic, "issuer_retired", subject_dn, entry
+                )
+            )
         conn.execute("SELECT pg_notify(%s, 'issuer')", (IDENTITY_CHANNEL,))
-        return cursor.rowcount == 1
+        return row is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,7 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ):
                 print(f"{dn}\tadded {added_at}\tretire {retire_at or '-'}")
         return 0
-    if not retire(dsn, args.subject, args.after_s):
+    try:
+        retired = retire(dsn, args.subject, args.after_s, KafkaSettings())
+    except JournalUnavailable as e:
+        print(f"nothing changed: {e}", file=sys.stderr)
+        return 1
+    if not retired:
         print(f"no registered issuing CA {args.subject!r}", file=sys.stderr)
         return 1
     return 0

@@ -7,34 +7,66 @@ The token is printed once; only a hash of its secret is kept.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 
 import psycopg
 
+from services.shared.identity_journal import JournalUnavailable, append_once
 from services.shared.operator_keys import new_key
-from services.shared.settings import DatabaseSettings
+from services.shared.settings import DatabaseSettings, KafkaSettings
 
 
-def create(dsn: str, name: str, customer_id: str | None) -> str:
-    """Store a new key and return its token."""
+def create(dsn: str, name: str, customer_id: str | None, kafka: KafkaSettings | None = None) -> str:
+    """Store a new key and return its token.
+
+    With ``kafka``, the key is also appended to the identity journal before the
+    commit, so a restore of an older backup brings it back.
+    """
     key = new_key()
     with psycopg.connect(dsn) as conn:
-        conn.execute(
+        row = conn.execute(
             "INSERT INTO operator_keys (key_id, name, secret_sha256, customer_id) "
-            "VALUES (%s, %s, %s, %s)",
+            "VALUES (%s, %s, %s, %s) RETURNING created_at",
             (key.key_id, name, key.secret_sha256, customer_id),
-        )
+        ).fetchone()
+        if kafka is not None and row is not None:
+            entry = {
+                "key_id": key.key_id,
+                "name": name,
+                "secret_sha256": key.secret_sha256,
+                "customer_id": customer_id,
+                "created_at": row[0],
+            }
+            asyncio.run(
+                append_once(
+                    kafka.kafka_bootstrap, kafka.identity_topic, "operator_key", key.key_id, entry
+                )
+            )
     return key.token
 
 
-def revoke(dsn: str, key_id: str) -> bool:
+def revoke(dsn: str, key_id: str, kafka: KafkaSettings | None = None) -> bool:
+    """Revoke a key; with ``kafka``, journaled before the commit (see ``create``)."""
     with psycopg.connect(dsn) as conn:
-        cursor = conn.execute(
-            "UPDATE operator_keys SET revoked_at = now() WHERE key_id = %s AND revoked_at IS NULL",
+        row = conn.execute(
+            "UPDATE operator_keys SET revoked_at = now() WHERE key_id = %s AND revoked_at IS NULL "
+            "RETURNING revoked_at",
             (key_id,),
-        )
-        return cursor.rowcount == 1
+        ).fetchone()
+        if kafka is not None and row is not None:
+            entry = {"key_id": key_id, "revoked_at": row[0]}
+            asyncio.run(
+                append_once(
+                    kafka.kafka_bootstrap,
+                    kafka.identity_topic,
+                    "operator_key_revoked",
+                    key_id,
+                    entry,
+                )
+            )
+        return row is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,8 +83,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     dsn = DatabaseSettings().libpq_dsn
+    kafka = KafkaSettings()
+    try:
+        return _run(args, dsn, kafka)
+    except JournalUnavailable as e:
+        print(f"nothing changed: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, dsn: str, kafka: KafkaSettings) -> int:
     if args.verb == "create":
-        print(create(dsn, args.name, None if args.all_customers else args.customer))
+        print(create(dsn, args.name, None if args.all_customers else args.customer, kafka))
     elif args.verb == "list":
         with psycopg.connect(dsn) as conn:
             for row in conn.execute(
@@ -60,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "FROM operator_keys ORDER BY created_at"
             ):
                 print("\t".join("" if v is None else str(v) for v in row))
-    elif not revoke(dsn, args.key_id):
+    elif not revoke(dsn, args.key_id, kafka):
         print(f"no active key {args.key_id}", file=sys.stderr)
         return 1
     return 0

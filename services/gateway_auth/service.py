@@ -17,9 +17,10 @@ from typing import Any, Final
 import psycopg
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.gateway_auth.csr import CsrRefused, check_csr
+from services.gateway_auth.names import NameCheck
 from services.gateway_auth.pki import CertificateAuthority
 from services.gateway_auth.problems import (
     CertificateRefused,
@@ -50,6 +51,8 @@ class GatewayMetrics:
     refusals: Counter
     edge_checks: Counter
     revocation_delay: Histogram
+    certificate_expiry: Gauge
+    request_duration: Histogram
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -61,6 +64,8 @@ class GatewayMetrics:
             refusals=specs.counter(registry, specs.GATEWAY_AUTH_REFUSALS),
             edge_checks=specs.counter(registry, specs.GATEWAY_AUTH_EDGE_CHECKS),
             revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
+            certificate_expiry=specs.gauge(registry, specs.CERTIFICATE_EXPIRY),
+            request_duration=specs.histogram(registry, specs.GATEWAY_AUTH_REQUEST_DURATION),
         )
 
 
@@ -110,6 +115,7 @@ class TrustKeeper:
         self._metrics = metrics
         self._clock = clock
         self._observed: set[str] = set()
+        self._names = NameCheck()
 
     async def reload(self, connection: psycopg.AsyncConnection[Any]) -> None:
         self.state = await load_trust_state(connection)
@@ -120,9 +126,19 @@ class TrustKeeper:
         if self.state is not None:
             self.state = replace(self.state, issued_at={**self.state.issued_at, serial: issued_at})
 
-    def check(self, certificate: AgentCertificate) -> str | None:
+    def note_issuer(self, issuer_dn: str) -> None:
+        """An issuing CA this process just registered is trusted at once here, so an
+        agent it enrolls is not refused before the NOTIFY reloads the state (other
+        processes learn it from that NOTIFY)."""
+        if self.state is not None and issuer_dn not in self.state.issuers:
+            self.state = replace(self.state, issuers={**self.state.issuers, issuer_dn: None})
+
+    def check(self, certificate: AgentCertificate, *, names: bool = True) -> str | None:
         """None when the edge may pass the request on; else why it must refuse.
 
+        Refused: a revoked certificate, one of a retired or unknown issuing CA,
+        and (unless ``names`` is False) one whose names are ambiguous
+        (``services.gateway_auth.names``), which needs the certificate itself.
         Raises Unauthenticated when the edge forwarded no serial or issuer (a
         configuration error at the edge: refusing is the safe answer).
         """
@@ -138,8 +154,15 @@ class TrustKeeper:
         now = self._clock()
         refused = state.refusal(certificate.identity, serial, certificate.issuer_dn, now)
         if refused is None:
-            self._metrics.edge_checks.labels(outcome="allowed").inc()
-            return None
+            ambiguous = (
+                self._names.refusal(
+                    certificate.escaped_pem, certificate.identity, certificate.serial
+                )
+                if names
+                else None
+            )
+            self._metrics.edge_checks.labels(outcome="refused" if ambiguous else "allowed").inc()
+            return ambiguous
         reason, revocation = refused
         self._metrics.edge_checks.labels(outcome="refused").inc()
         if revocation is not None and serial not in self._observed:
@@ -172,6 +195,7 @@ class IdentityService:
         if dn not in self._registered:
             if await self.store.register_issuer(dn, ca.certificate_pem.decode()):
                 log.info("registered issuing CA %s", dn)
+                self.trust.note_issuer(dn)
             self._registered.add(dn)
         return ca
 
@@ -280,7 +304,9 @@ class IdentityService:
         self, current: AgentCertificate, csr_pem: str, *, request_id: str | None
     ) -> IssuedAgentCertificate:
         """A new certificate with the same identity, for the holder of a current one."""
-        reason = self.trust.check(current)
+        # The edge forwards the certificate itself to its own check only, which
+        # applied the names rule to this very request before passing it on.
+        reason = self.trust.check(current, names=False)
         if reason is not None:
             raise self._refuse(CertificateRefused(f"{reason}; renewal refused"), "revoked")
         identity = current.identity

@@ -8,7 +8,7 @@ from typing import Any, Final
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.shared.settings import DatabaseSettings, with_pki_defaults
+from services.shared.settings import DatabaseSettings, KafkaSettings, with_pki_defaults
 
 # File names inside FLEETPLANE_PKI_DIR, used when a path is not set explicitly.
 _PKI_FILES: Final = {
@@ -18,6 +18,8 @@ _PKI_FILES: Final = {
     "edge_ca": "internal-ca.pem",
     "issuing_ca_cert": "issuing-ca.pem",
     "issuing_ca_key": "issuing-ca.key",
+    "edge_server_cert": "edge-server.pem",
+    "root_ca_cert": "root-ca.pem",
 }
 
 
@@ -32,6 +34,8 @@ class GatewayAuthSettings(BaseSettings):
     )
 
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    """Only the identity journal's topic is used (services/shared/identity_journal.py)."""
 
     host: str = "127.0.0.1"
     """Address to listen on; only the edge should be able to reach it."""
@@ -46,6 +50,10 @@ class GatewayAuthSettings(BaseSettings):
     issuing_ca_cert: Path
     """The issuing CA that signs agent certificates; re-read when the file changes."""
     issuing_ca_key: Path
+    edge_server_cert: Path
+    """The edge's server certificate; only its expiry is read (exported as a metric)."""
+    root_ca_cert: Path
+    """The root CA's certificate; only its expiry is read (exported as a metric)."""
     agent_validity_s: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
     """Lifetime of issued agent certificates (default 24 h)."""
     token_ttl_s: int = Field(default=15 * 60, ge=30, le=24 * 3600)

@@ -4,6 +4,10 @@ Every change that enforcement points must learn about (a revocation, a
 certificate issued into a revoked scope, an issuing CA registered) NOTIFYs
 ``IDENTITY_CHANNEL`` in the same transaction, so a follower never sees the
 notification before the change is visible.
+
+Every change a restore must not forget is also appended to the identity journal
+(services/shared/identity_journal.py) inside the transaction, before the commit:
+when the append fails the change rolls back.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared.identity import AgentIdentity
+from services.shared.identity_journal import IdentityJournal, Kind
 from services.shared.revocations import IDENTITY_CHANNEL
 
 _NOTIFY: Final = text("SELECT pg_notify(:channel, :payload)")
@@ -72,8 +77,14 @@ class AuditRecord:
 class IdentityStore:
     """All SQL of gateway_auth. Methods raise SQLAlchemy errors when the database is down."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, journal: IdentityJournal | None = None) -> None:
         self.engine = engine
+        self.journal = journal
+        """None only where no restore will ever need the changes (unit tests)."""
+
+    async def _journal(self, kind: Kind, key: str, row: dict[str, Any]) -> None:
+        if self.journal is not None:
+            await self.journal.append(kind, key, row)
 
     async def operator_key(self, key_id: str) -> StoredOperatorKey | None:
         async with self.engine.connect() as conn:
@@ -155,18 +166,28 @@ class IdentityStore:
         when the token was used or expired meanwhile (nothing is recorded then).
         """
         async with self.engine.begin() as conn:
-            token_id = (
+            used = (
                 await conn.execute(
                     text(
                         "UPDATE enrollment_tokens SET used_at = now(), used_by_serial = :serial "
                         "WHERE token_sha256 = :hash AND used_at IS NULL AND expires_at > now() "
-                        "RETURNING token_id"
+                        "RETURNING token_id, used_at"
                     ),
                     {"hash": token_hash(token), "serial": record.serial},
                 )
-            ).scalar_one_or_none()
-            if token_id is None:
+            ).one_or_none()
+            if used is None:
                 return None
+            token_id, used_at = used
+            await self._journal(
+                "token_used",
+                token_hash(token).hex(),
+                {
+                    "token_sha256": token_hash(token),
+                    "used_at": used_at,
+                    "used_by_serial": record.serial,
+                },
+            )
             actor = f"enrollment-token:{token_id}"
             await _audit(
                 conn,
@@ -215,6 +236,21 @@ class IdentityStore:
                 },
             )
         ).scalar_one()
+        await self._journal(
+            "certificate",
+            record.serial,
+            {
+                "serial": record.serial,
+                "customer_id": identity.customer_id,
+                "environment_id": identity.environment_id,
+                "agent_id": identity.agent_id,
+                "issuer_dn": record.issuer_dn,
+                "not_after": record.not_after,
+                "issued_at": issued_at,
+                "via": record.via,
+                "previous_serial": record.previous_serial,
+            },
+        )
         await _audit(
             conn,
             AuditRecord(
@@ -277,6 +313,18 @@ class IdentityStore:
                     },
                 )
             ).one()
+            await self._journal(
+                "revocation",
+                f"{revocation_id}:{revoked_at.isoformat()}",
+                {
+                    "customer_id": customer_id,
+                    "environment_id": environment_id,
+                    "agent_id": agent_id,
+                    "revoked_at": revoked_at,
+                    "revoked_by": revoked_by,
+                    "reason": reason,
+                },
+            )
             covered = (
                 await conn.execute(
                     text(
@@ -313,12 +361,21 @@ class IdentityStore:
                 await conn.execute(
                     text(
                         "INSERT INTO issuing_cas (subject_dn, certificate_pem) VALUES (:dn, :pem) "
-                        "ON CONFLICT (subject_dn) DO NOTHING RETURNING subject_dn"
+                        "ON CONFLICT (subject_dn) DO NOTHING RETURNING subject_dn, added_at"
                     ),
                     {"dn": subject_dn, "pem": certificate_pem},
                 )
             ).first()
             if added is not None:
+                await self._journal(
+                    "issuer",
+                    subject_dn,
+                    {
+                        "subject_dn": subject_dn,
+                        "certificate_pem": certificate_pem,
+                        "added_at": added[1],
+                    },
+                )
                 await conn.execute(_NOTIFY, {"channel": IDENTITY_CHANNEL, "payload": "issuer"})
         return added is not None
 

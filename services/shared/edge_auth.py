@@ -31,6 +31,9 @@ DN_HEADER: Final = "X-Fleetplane-Client-DN"
 VERIFY_HEADER: Final = "X-Fleetplane-Client-Verify"
 SERIAL_HEADER: Final = "X-Fleetplane-Client-Serial"
 ISSUER_HEADER: Final = "X-Fleetplane-Client-Issuer-DN"
+CERT_HEADER: Final = "X-Fleetplane-Client-Cert"
+"""The verified certificate, URL-encoded PEM (``$ssl_client_escaped_cert``): sent by
+the edge to gateway_auth's per-request check only."""
 LISTENER_HEADER: Final = "X-Fleetplane-Listener"
 AUTHORIZATION_HEADER: Final = "Authorization"
 
@@ -117,6 +120,8 @@ class AgentCertificate:
     """Hex serial number (``$ssl_client_serial``), when the edge forwarded exactly one."""
     issuer_dn: str | None
     """Issuer DN (``$ssl_client_i_dn``), when the edge forwarded exactly one."""
+    escaped_pem: str | None = None
+    """The certificate itself (``CERT_HEADER``), when the edge forwarded exactly one."""
 
 
 def identity_from_request(
@@ -163,10 +168,12 @@ def agent_certificate_from_request(
         ) from e
     serials = forwarded.get(SERIAL_HEADER.lower(), [])
     issuers = forwarded.get(ISSUER_HEADER.lower(), [])
+    certificates = forwarded.get(CERT_HEADER.lower(), [])
     return AgentCertificate(
         identity,
         serials[0] if len(serials) == 1 and serials[0] else None,
         issuers[0] if len(issuers) == 1 and issuers[0] else None,
+        certificates[0] if len(certificates) == 1 and certificates[0] else None,
     )
 
 

@@ -210,6 +210,85 @@ IDENTITY_REVOCATION_DELAY: Final = MetricSpec(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30),
 )
 
+# --- Backups (services/backup) --------------------------------------------------
+BACKUP_LAST_SUCCESS: Final = MetricSpec(
+    "fleetplane_backup_last_success_timestamp_seconds",
+    "gauge",
+    "seconds",
+    "Unix time the newest complete backup in the bucket finished (read from its manifest).",
+)
+BACKUP_DURATION: Final = MetricSpec(
+    "fleetplane_backup_duration_seconds",
+    "gauge",
+    "seconds",
+    "Time the newest complete backup took, from snapshot to manifest.",
+)
+BACKUP_SIZE: Final = MetricSpec(
+    "fleetplane_backup_size_bytes",
+    "gauge",
+    "bytes",
+    "Size of the newest complete backup's object (compressed and encrypted).",
+)
+BACKUP_FAILURES: Final = MetricSpec(
+    "fleetplane_backup_failures_total",
+    "counter",
+    "runs",
+    "Scheduled runs that failed, by verb (backup, verify, prune).",
+    ("verb",),
+)
+BACKUP_LAST_VERIFIED: Final = MetricSpec(
+    "fleetplane_backup_last_verified_timestamp_seconds",
+    "gauge",
+    "seconds",
+    "Unix time the newest backup that passed verification finished; alert when it is old.",
+)
+
+CERTIFICATE_EXPIRY: Final = MetricSpec(
+    "fleetplane_certificate_expiry_timestamp_seconds",
+    "gauge",
+    "seconds",
+    "Unix time a certificate of the platform's PKI stops being valid (its notAfter), by "
+    "certificate: edge-server, internal-server, internal-ca, issuing-ca, root-ca. "
+    "Exported by gateway_auth, read from the PKI folder at each scrape.",
+    ("certificate",),
+)
+
+CONTROLLER_ACCEPT_TO_APPLIED: Final = MetricSpec(
+    "fleetplane_controller_accept_to_applied_seconds",
+    "histogram",
+    "seconds",
+    "Time from the API's accepted_at stamp on an agent event to the commit of the "
+    "transaction that applied (or rejected) it, observed once per event after the commit.",
+)
+GATEWAY_AUTH_REQUEST_DURATION: Final = MetricSpec(
+    "fleetplane_gateway_auth_request_duration_seconds",
+    "histogram",
+    "seconds",
+    "Time from request received to response ready in gateway_auth (the edge's per-request "
+    "check included), by route template and method.",
+    ("route", "method"),
+)
+
+DATABASE_POOL_CONNECTIONS: Final = MetricSpec(
+    "fleetplane_database_pool_connections",
+    "gauge",
+    "connections",
+    "The process's PostgreSQL connection pool at scrape time, by state: in_use (checked "
+    "out), idle (open, in the pool), max (the most it may open). Exported by the controller.",
+    ("state",),
+)
+
+ENVIRONMENTS_BY_LIVENESS: Final = MetricSpec(
+    "fleetplane_environments",
+    "gauge",
+    "environments",
+    "Environments by customer and liveness (connected, unknown, lost, never_seen), derived "
+    "from the last heartbeat's age. Exported by the controller that owns the customer's "
+    "partition, so each customer is counted once; every state is exported, 0 included. "
+    "Low volume (customers x 4): the one series with a customer label.",
+    ("customer", "liveness"),
+)
+
 ALL_METRICS: Final = (
     API_REQUESTS,
     API_REQUEST_DURATION,
@@ -236,6 +315,16 @@ ALL_METRICS: Final = (
     GATEWAY_AUTH_REFUSALS,
     GATEWAY_AUTH_EDGE_CHECKS,
     IDENTITY_REVOCATION_DELAY,
+    BACKUP_LAST_SUCCESS,
+    BACKUP_DURATION,
+    BACKUP_SIZE,
+    BACKUP_FAILURES,
+    BACKUP_LAST_VERIFIED,
+    CERTIFICATE_EXPIRY,
+    CONTROLLER_ACCEPT_TO_APPLIED,
+    GATEWAY_AUTH_REQUEST_DURATION,
+    DATABASE_POOL_CONNECTIONS,
+    ENVIRONMENTS_BY_LIVENESS,
 )
 
 

@@ -86,3 +86,7 @@ class KafkaSettings(_Fragment):
     """Records the controller could not decode or validate, with the reason."""
     topic_partitions: int = Field(default=12, ge=1, le=1024)
     """Partition count of the events topic: the most controllers that can work at once."""
+    identity_topic: str = "fleetplane.identity"
+    """The identity journal: every agent-identity change gateway_auth makes, written
+    before its database commit, so a restore of an older backup can replay them
+    (services/shared/identity_journal.py). Compacted, one partition."""

@@ -88,11 +88,36 @@ async def add_partitions(bootstrap: str, topic: str, total: int, timeout_s: floa
         await admin.close()
 
 
+async def ensure_journal_topic(bootstrap: str, name: str) -> None:
+    """The identity journal's topic: one partition (one order), compacted, never expired.
+
+    Every record has a key of its own (or a later one that supersedes it), so
+    compaction keeps every change while ``retention.ms=-1`` keeps them forever.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        if name in set(await admin.list_topics()):
+            return
+        topic = NewTopic(
+            name,
+            num_partitions=1,
+            replication_factor=1,
+            topic_configs={"cleanup.policy": "compact", "retention.ms": "-1"},
+        )
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([topic])
+        logger.info("created topic %s (identity journal)", name)
+    finally:
+        await admin.close()
+
+
 async def ensure_project_topics(settings: KafkaSettings) -> None:
     counts = await ensure_topics(
         settings.kafka_bootstrap,
         {settings.events_topic: settings.topic_partitions, settings.dead_letter_topic: 1},
     )
+    await ensure_journal_topic(settings.kafka_bootstrap, settings.identity_topic)
     actual = counts.get(settings.events_topic)
     if actual != settings.topic_partitions:
         raise PartitionCountMismatchError(
@@ -104,8 +129,9 @@ async def ensure_project_topics(settings: KafkaSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(
         prog="python -m services.shared.topics",
-        description="Create the events topic and its dead-letter topic if missing "
-        "(FLEETPLANE_KAFKA_BOOTSTRAP, FLEETPLANE_EVENTS_TOPIC, FLEETPLANE_TOPIC_PARTITIONS).",
+        description="Create the events topic, its dead-letter topic and the identity journal "
+        "if missing (FLEETPLANE_KAFKA_BOOTSTRAP, FLEETPLANE_EVENTS_TOPIC, "
+        "FLEETPLANE_TOPIC_PARTITIONS, FLEETPLANE_IDENTITY_TOPIC).",
     ).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     try:

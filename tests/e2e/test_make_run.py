@@ -7,6 +7,7 @@ folder, exactly as a developer would start it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -21,6 +23,8 @@ from typing import Final
 import psycopg
 import pytest
 
+from services.backup.settings import S3Settings
+from services.backup.storage import S3Storage, StorageError
 from tests.support.stack import ROOT
 
 PORTS = {
@@ -31,6 +35,13 @@ PORTS = {
     "FLEETPLANE_OPERATOR_PORT": 28444,
     "FLEETPLANE_ENROLL_PORT": 28445,
     "FLEETPLANE_GATEWAY_AUTH_PORT": 28083,
+    "FLEETPLANE_S3_PORT": 28900,
+    "FLEETPLANE_BACKUP_METRICS_PORT": 28990,
+    "FLEETPLANE_PROMETHEUS_PORT": 29090,
+    "FLEETPLANE_ALERTMANAGER_PORT": 29094,
+    "FLEETPLANE_POSTGRES_EXPORTER_PORT": 29187,
+    "FLEETPLANE_EDGE_EXPORTER_PORT": 29903,
+    "FLEETPLANE_KAFKA_METRICS_PORT": 29095,
 }
 API_PORTS = (28081, 28082)
 CONTROLLER_PORTS = (28091, 28092)
@@ -81,6 +92,20 @@ def run_env() -> Iterator[dict[str, str]]:
     subprocess.run(["make", "stop"], cwd=ROOT, env=env, capture_output=True, timeout=120)
 
 
+def scrape_health(prometheus: str) -> dict[str, list[str]]:
+    """Prometheus's targets, job -> health of each; waits out the first scrape."""
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(f"{prometheus}/api/v1/targets", timeout=5) as reply:
+            targets = json.load(reply)["data"]["activeTargets"]
+        health: dict[str, list[str]] = {}
+        for target in targets:
+            health.setdefault(target["labels"]["job"], []).append(target["health"])
+        if all(h == "up" for hs in health.values() for h in hs) or time.monotonic() > deadline:
+            return health
+        time.sleep(1)
+
+
 OWNER_LINE: Final = re.compile(r"^\s+(\S+)\s+partitions ([\d,]+)\s+lag \d+", re.MULTILINE)
 
 
@@ -111,7 +136,8 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
     )
     try:
         deadline = time.monotonic() + 240
-        applied = succeeded = 0
+        applied = succeeded = backups = 0
+        bucket = S3Storage(S3Settings(port=PORTS["FLEETPLANE_S3_PORT"], max_attempts=1))
         while time.monotonic() < deadline and run.poll() is None:
             try:
                 with psycopg.connect(dsn) as conn:
@@ -121,19 +147,40 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
                     ).fetchone()[0]  # type: ignore[index]
             except psycopg.Error:
                 pass  # not up yet
+            try:
+                objects = bucket.list_objects("backups/fleetplane/")
+                backups = sum(o.key.endswith("/manifest.json") for o in objects)
+            except StorageError:
+                pass  # not up yet
             shown = shown_ownership(log_path.read_text(errors="replace"))
-            if applied > 50 and succeeded > 0 and len(shown) == 2:
+            if applied > 50 and succeeded > 0 and len(shown) == 2 and backups > 0:
                 break
             time.sleep(2)
         output = log_path.read_text(errors="replace")
         assert run.poll() is None, f"make run exited early:\n{output[-3000:]}"
         assert applied > 50, f"only {applied} events applied:\n{output[-3000:]}"
         assert succeeded > 0, f"no command succeeded:\n{output[-3000:]}"
+        assert backups > 0, f"no scheduled backup landed in the bucket:\n{output[-3000:]}"
         assert "Fleetplane is running" in output
         # The live ownership view: both controllers, every partition owned once.
         shown = shown_ownership(output)
         assert len(shown) == 2, f"ownership shown: {shown}\n{output[-3000:]}"
         assert sorted(p for held in shown.values() for p in held) == list(range(12)), shown
+        # Monitoring: shown, and scraping every service of this stack.
+        prometheus = f"http://127.0.0.1:{PORTS['FLEETPLANE_PROMETHEUS_PORT']}"
+        assert prometheus in output
+        assert f":{PORTS['FLEETPLANE_ALERTMANAGER_PORT']}" in output
+        assert scrape_health(prometheus) == {
+            "fleetplane-api": ["up", "up"],
+            "fleetplane-gateway-auth": ["up"],
+            "fleetplane-controller": ["up", "up"],
+            "postgres": ["up"],
+            "edge": ["up"],
+            "kafka": ["up"],
+            "fleetplane-backup": ["up"],
+            "prometheus": ["up"],
+            "alertmanager": ["up"],
+        }
     finally:
         stop = subprocess.run(
             ["make", "stop"], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=180
@@ -151,3 +198,4 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
     assert processes_mentioning("services.gateway_auth --port 28083") == []
     assert processes_mentioning("services.controller --web-port 2809") == []
     assert processes_mentioning("bench.simulator") == []
+    assert processes_mentioning("services.backup schedule --port 28990") == []

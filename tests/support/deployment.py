@@ -8,7 +8,7 @@ import ssl
 from pathlib import Path
 
 from services.gateway_auth.operator_keys import create as create_operator_key
-from services.shared.topics import delete_topics, ensure_topics
+from services.shared.topics import delete_topics, ensure_journal_topic, ensure_topics
 from tests.support.processes import ServiceProcess
 from tests.support.stack import FleetEnv, clone_database, drop_database
 
@@ -31,6 +31,9 @@ class Deployment:
                 self.fleet.stack.kafka_bootstrap,
                 {self.fleet.events_topic: self.fleet.partitions, self.fleet.dead_letter_topic: 1},
             )
+        )
+        asyncio.run(
+            ensure_journal_topic(self.fleet.stack.kafka_bootstrap, self.fleet.identity_topic)
         )
         return self
 
@@ -127,6 +130,6 @@ class Deployment:
         asyncio.run(
             delete_topics(
                 self.fleet.stack.kafka_bootstrap,
-                [self.fleet.events_topic, self.fleet.dead_letter_topic],
+                [self.fleet.events_topic, self.fleet.dead_letter_topic, self.fleet.identity_topic],
             )
         )

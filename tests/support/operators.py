@@ -24,6 +24,21 @@ class OperatorClient:
         ):
             return reply.status, await reply.json(content_type=None)
 
+    async def request_raw(
+        self, method: str, path: str, body: bytes, content_type: str = "application/json"
+    ) -> tuple[int, dict[str, Any]]:
+        """Like ``request``, with the body sent exactly as given."""
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._context)) as session,
+            session.request(
+                method,
+                f"{self._base}{path}",
+                data=body,
+                headers={**self._headers, "Content-Type": content_type},
+            ) as reply,
+        ):
+            return reply.status, await reply.json(content_type=None)
+
     async def set_desired(
         self, customer: str, environment: str, revision: int, resources: list[dict[str, str]]
     ) -> tuple[int, dict[str, Any]]:

@@ -104,6 +104,10 @@ class FleetEnv:
         return f"{self.name}.events.dlq"
 
     @property
+    def identity_topic(self) -> str:
+        return f"{self.name}.identity"
+
+    @property
     def database_name(self) -> str:
         return f"fleetplane_{self.name}"
 
@@ -119,6 +123,7 @@ class FleetEnv:
                 "FLEETPLANE_KAFKA_BOOTSTRAP": self.stack.kafka_bootstrap,
                 "FLEETPLANE_EVENTS_TOPIC": self.events_topic,
                 "FLEETPLANE_DEAD_LETTER_TOPIC": self.dead_letter_topic,
+                "FLEETPLANE_IDENTITY_TOPIC": self.identity_topic,
                 "FLEETPLANE_TOPIC_PARTITIONS": str(self.partitions),
                 "FLEETPLANE_DATABASE_NAME": self.database_name,
                 "FLEETPLANE_CONTROLLER_GROUP_ID": f"{self.name}-controllers",

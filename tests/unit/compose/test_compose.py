@@ -37,6 +37,7 @@ from pydantic_settings import BaseSettings
 
 from services.api.settings import ApiSettings
 from services.api.tls import server_ssl_context
+from services.backup.settings import BackupSettings, S3Settings
 from services.controller.settings import ControllerSettings
 from services.gateway_auth.pki import init_pki
 from services.gateway_auth.settings import GatewayAuthSettings
@@ -61,6 +62,8 @@ SETTINGS_BY_MODULE: Final[Mapping[str, tuple[type[BaseSettings], ...]]] = {
     "services.controller": (ControllerSettings,),
     "services.shared.topics": (KafkaSettings,),
     "services.shared.migrate": (DatabaseSettings,),
+    "services.backup": (DatabaseSettings, KafkaSettings, S3Settings, BackupSettings),
+    "services.backup.bucket": (S3Settings,),
     # Configured by arguments only.
     "services.gateway_auth.pki": (),
     "bench.simulator": (),
@@ -647,7 +650,7 @@ def test_kafka_cluster_id_is_a_kraft_uuid() -> None:
 
 def test_dockerfile_builds_a_non_root_python_311_image() -> None:
     instructions = _dockerfile_instructions()
-    assert [rest for kw, rest in instructions if kw == "FROM"] == ["python:3.11-slim"]
+    assert [rest for kw, rest in instructions if kw == "FROM"] == ["python:3.11-slim-bookworm"]
     users = [rest for kw, rest in instructions if kw == "USER"]
     assert users
     assert users[-1] not in {"root", "0"}
@@ -655,7 +658,24 @@ def test_dockerfile_builds_a_non_root_python_311_image() -> None:
     # Build tools would stay in the image: every dependency must come as a wheel
     # or pure Python.
     runs = " ".join(rest for kw, rest in instructions if kw == "RUN")
-    assert not re.search(r"\b(apt-get|gcc|build-essential)\b", runs)
+    assert not re.search(r"\b(gcc|build-essential)\b", runs)
+    installed = re.findall(r"apt-get install (.*?)(?:&&|$)", runs)
+    packages = {w for line in installed for w in line.split() if not w.startswith("-")}
+    assert packages <= {"postgresql-client-15"}, packages
+
+
+def test_image_has_pg_dump_of_the_server_major_version() -> None:
+    # A newer pg_dump writes settings an older server refuses, and an older one
+    # refuses a newer server: the image's client must match compose's server.
+    server = SERVICES["postgres"]["image"]
+    major = re.fullmatch(r"postgres:(\d+)(\.\d+)*", server)
+    assert major, server
+    runs = " ".join(rest for kw, rest in _dockerfile_instructions() if kw == "RUN")
+    assert f"postgresql-client-{major[1]}" in runs
+    # Debian 12 (bookworm) carries PostgreSQL 15; an unpinned tag would move.
+    froms = [rest for kw, rest in _dockerfile_instructions() if kw == "FROM"]
+    assert all(f.endswith("-bookworm") for f in froms), froms
+    assert BackupSettings().pg_bin == Path(f"/usr/lib/postgresql/{major[1]}/bin")
 
 
 def test_dockerignore_lets_through_everything_the_dockerfile_copies() -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from services.backup.cli import main
+
+sys.exit(main())
