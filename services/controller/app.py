@@ -142,7 +142,7 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
         ownerships=app.ownerships,
         metrics=app.metrics,
         pending=lambda: applier.pending,
-        highwater=app.partitions.highwater,
+        log_ends=app.partitions.log_ends,
     )
     return app
 

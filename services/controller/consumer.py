@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
@@ -103,12 +104,12 @@ class PartitionConsumer:
         tp = self._tp(partition)
         return int((await self._kafka.beginning_offsets([tp]))[tp])
 
-    def highwater(self, partition: int) -> int | None:
-        """The log end the consumer last fetched for ``partition`` (None before a fetch)."""
-        if not self._assigned(partition):
-            return None
-        end = self._kafka.highwater(self._tp(partition))
-        return None if end is None else int(end)
+    async def log_ends(self, partitions: list[int]) -> dict[int, int]:
+        """Kafka's log end of each of ``partitions`` (one ListOffsets request); {} before start."""
+        if self._consumer is None or not partitions:
+            return {}
+        ends = await self._consumer.end_offsets([self._tp(p) for p in partitions])
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -122,9 +123,7 @@ class PartitionConsumer:
         while not self._stopping.is_set():
             if self._failed is not None:
                 raise RuntimeError("taking over assigned partitions failed") from self._failed
-            fetched = await self._kafka.getmany(
-                timeout_ms=self._poll_ms, max_records=self._batch_max
-            )
+            fetched = await self._next_batch()
             if not fetched:
                 continue
             delivered = [
@@ -133,7 +132,7 @@ class PartitionConsumer:
                     offset=record.offset,
                     key=record.key,
                     value=record.value,
-                    timestamp_s=None if record.timestamp is None else record.timestamp / 1000,
+                    timestamp_s=_seconds(record.timestamp),
                 )
                 for tp, records in fetched.items()
                 for record in records
@@ -142,6 +141,32 @@ class PartitionConsumer:
                 if self._stopping.is_set():
                     return  # the stored offset tells the next owner where to start
                 await self.applier.apply(delivered)
+
+    async def _next_batch(self) -> dict[TopicPartition, list[Any]]:
+        """Up to ``batch_max`` fetched records, every partition with records getting a share.
+
+        aiokafka's ``getmany`` hands out one partition's fetched records before the
+        next partition's, so one customer's backlog (a fetch of up to a megabyte)
+        would hold every other partition of this controller back until it drains.
+        Each partition first gets ``batch_max / partitions`` records, in partition
+        order; what is left of the batch is then filled from any partition. Waits
+        up to ``batch_within_s`` only when nothing is fetched at all.
+        """
+        consumer = self._kafka
+        assigned = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        share = max(self._batch_max // max(len(assigned), 1), 1)
+        fetched: dict[TopicPartition, list[Any]] = {}
+        for tp in assigned:
+            got = await consumer.getmany(tp, timeout_ms=0, max_records=share)
+            fetched.update(got)
+        room = self._batch_max - sum(len(r) for r in fetched.values())
+        if room > 0:
+            more = await consumer.getmany(
+                timeout_ms=0 if fetched else self._poll_ms, max_records=room
+            )
+            for tp, records in more.items():
+                fetched.setdefault(tp, []).extend(records)
+        return fetched
 
     async def stop(self, drain_timeout_s: float, leave_timeout_s: float = 5.0) -> None:
         """Apply no new batch, let the one in flight commit, then leave the group.
@@ -212,6 +237,10 @@ class PartitionConsumer:
                         self._kafka.pause(self._tp(partition))
                     else:
                         self._kafka.seek(self._tp(partition), claim.next_offset)
+
+
+def _seconds(timestamp_ms: int | None) -> float | None:
+    return None if timestamp_ms is None else timestamp_ms / 1000
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped

@@ -6,12 +6,14 @@ the logic lives in ``ops.py`` and ``retention.py``, which know nothing of faust.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -90,10 +92,11 @@ def register_ops(
     ownerships: Ownerships,
     metrics: ControllerMetrics,
     pending: Callable[[], Mapping[int, tuple[int, float]]],
-    highwater: Callable[[int], int | None],
+    log_ends: Callable[[list[int]], Awaitable[Mapping[int, int]]],
 ) -> None:
     """``pending()``: per partition, (offset, timestamp) of the first record being applied;
-    ``highwater(p)``: the log end the consumer last fetched (None before a fetch)."""
+    ``log_ends(partitions)``: Kafka's log end of each (asked, not the last fetch's: a
+    consumer held back by a stuck batch stops fetching, so its last fetch goes stale)."""
     kafka = settings.kafka
     customers = CustomerPartitions()
 
@@ -137,14 +140,17 @@ def register_ops(
     @app.timer(interval=LAG_INTERVAL_S, name="partition-lag")  # type: ignore[untyped-decorator]  # faust leaves timer untyped
     async def refresh_lag() -> None:
         nonlocal exported
-        exported = update_lag(
-            metrics,
-            ownerships.held(),
-            highwater,
-            exported,
-            stalls=stalls,
-            fetched=pending(),
-        )
+        held = ownerships.held()
+        try:
+            ends = await asyncio.wait_for(log_ends(sorted(held)), LAG_INTERVAL_S * 5)
+        except (KafkaError, TimeoutError) as e:
+            # Kafka unreachable: the gauges keep their last values until it answers.
+            logger.info("lag: log ends unavailable (%r)", e)
+            ends = None
+        if ends is not None:
+            exported = update_lag(
+                metrics, held, ends.get, exported, stalls=stalls, fetched=pending()
+            )
         publish_environments()
 
     # Environments by customer and liveness, for the customers this controller owns:

@@ -140,8 +140,8 @@ CONTROLLER_PARTITION_LAG: Final = MetricSpec(
     "fleetplane_controller_partition_lag",
     "gauge",
     "records",
-    "Records of an owned partition not applied yet: the consumer's highwater minus the "
-    "stored next offset, by partition. Only the owner exports a partition.",
+    "Records of an owned partition not applied yet: Kafka's log end minus the stored "
+    "next offset, by partition. Only the owner exports a partition.",
     ("partition",),
 )
 CONTROLLER_OLDEST_PENDING_AGE: Final = MetricSpec(
