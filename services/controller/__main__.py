@@ -17,19 +17,28 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.controller.settings import ControllerSettings
+
+if TYPE_CHECKING:
+    from services.controller.pipeline import Applier
 
 logger = logging.getLogger("services.controller")
 
 COMMANDS = ("run", "status", "dead-letters")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, *, customize: Callable[[Applier], None] | None = None
+) -> int:
+    """Run a command; ``customize`` is given the running controller's ``Applier`` (``run``
+    only) before it starts, for observers such as the chaos tests' zombie hook."""
     args = _parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    args.customize = customize
     handler: Any = args.handler
     return int(handler(args))
 
@@ -143,6 +152,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
     app = create_app(settings)
+    if args.customize is not None:
+        args.customize(app.partitions.applier)
     worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
     # The worker stops the app (leaving the consumer group) on SIGTERM and SIGINT.
     worker.execute_from_commandline()

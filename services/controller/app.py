@@ -118,7 +118,6 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
             max_backoff_s=settings.retry_max_backoff_s,
             ack_timeout_s=settings.command_ack_timeout_s,
             log_start=log_start,
-            test_pause_file=settings.test_pause_file,
         )
 
     app.partitions = PartitionConsumer(settings, app.ownerships, app.metrics, make_applier)

@@ -15,14 +15,10 @@ Two kinds of failure, as in every stream processor worth copying:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Protocol
 
 from aiokafka.errors import IllegalStateError
@@ -251,6 +247,17 @@ class _PartitionWork:
         return left, right
 
 
+@dataclass(frozen=True, slots=True)
+class PendingFence:
+    """One partition of an apply transaction whose effects are written, not yet fenced."""
+
+    partition: int
+    epoch: int
+    next_offset: int
+    event_ids: list[str]
+    """Events applied (not skipped as duplicates) by this transaction in the partition."""
+
+
 class GuardedSeek:
     """Seeks only partitions the consumer is assigned at that moment.
 
@@ -290,7 +297,6 @@ class Applier:
         max_backoff_s: float = 5.0,
         ack_timeout_s: float = 30.0,
         log_start: LogStart | None = None,
-        test_pause_file: Path | None = None,
     ) -> None:
         self._engine = engine
         self._ownerships = ownerships
@@ -300,7 +306,10 @@ class Applier:
         self._max_backoff_s = max_backoff_s
         self._ack_timeout_s = ack_timeout_s
         self._log_start = log_start
-        self._test_pause_file = test_pause_file
+        self.before_fence: Callable[[list[PendingFence]], None] | None = None
+        """Called inside each apply transaction once its effects are written and before
+        its fences are checked; blocking it holds the transaction open. For
+        observation: the chaos tests stop the process here to make a zombie."""
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -637,8 +646,18 @@ class Applier:
                         ack_timeout_s=self._ack_timeout_s,
                     )
                 plans[partition] = plan
-            if self._test_pause_file is not None:
-                self._hold_for_test(self._test_pause_file, work, plans)
+            if self.before_fence is not None:
+                self.before_fence(
+                    [
+                        PendingFence(
+                            partition,
+                            item.claim.epoch,
+                            item.next_offset,
+                            [o.decoded.record.event.id for o in plans[partition].outcomes],
+                        )
+                        for partition, item in sorted(work.items())
+                    ]
+                )
             # Every fence after every effect: an ownership row is locked only from
             # its fence to the commit, so a controller paused while writing effects
             # holds no ownership row, and a new owner can take the partition over.
@@ -646,38 +665,6 @@ class Applier:
             for _partition, item in sorted(work.items()):
                 await advance_fenced(conn, item.claim, item.next_offset)
         return plans
-
-    def _hold_for_test(
-        self, armed: Path, work: dict[int, _PartitionWork], plans: dict[int, Plan]
-    ) -> None:
-        """Test hook (``test_pause_file``): become a zombie holding this transaction open.
-
-        Fires once per arming (the test creates ``armed``), only on a transaction
-        that wrote event records, so the test knows which effects must not survive.
-        Stops the whole process, heartbeat thread included, as SIGSTOP from outside
-        would, but at a known point: effects written, fence not yet checked.
-        """
-        if not any(plan.outcomes for plan in plans.values()) or not armed.exists():
-            return
-        armed.unlink()
-        holding = {
-            "pid": os.getpid(),
-            "partitions": {
-                str(partition): {
-                    "epoch": item.claim.epoch,
-                    "next_offset": item.next_offset,
-                    "event_ids": [o.decoded.record.event.id for o in plans[partition].outcomes],
-                }
-                for partition, item in work.items()
-            },
-        }
-        marker = armed.with_name(armed.name + ".holding")
-        partial = marker.with_name(marker.name + ".partial")
-        partial.write_text(json.dumps(holding))
-        partial.rename(marker)  # the test never reads a half-written file
-        logger.warning("test pause file: stopping with an open transaction (%s)", marker)
-        os.kill(os.getpid(), signal.SIGSTOP)
-        logger.warning("test pause file: continued")
 
     def _on_retry(self, state: RetryCallState) -> None:
         self._metrics.database_retries.inc()

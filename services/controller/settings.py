@@ -77,11 +77,6 @@ class ControllerSettings(BaseSettings):
     command_timer_interval_s: float = Field(default=1.0, gt=0, le=60)
     startup_timeout_s: float = Field(default=60.0, gt=0)
     """How long to wait for Kafka and PostgreSQL at start before giving up."""
-    test_pause_file: Path | None = None
-    """TEST ONLY; leave unset in every deployment. When set and this file exists, the
-    next apply transaction that has written effects removes it, writes what it holds
-    to ``<file>.holding`` and stops the whole process with SIGSTOP before its fence
-    statement: a zombie with an open transaction, for tests/chaos."""
     data_dir: Path = Path(".run/controller")
     """faust's working folder (no tables are kept there)."""
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)

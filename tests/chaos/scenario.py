@@ -12,6 +12,10 @@ from tests.support.deployment import Deployment
 from tests.support.invariants import Ledger, check
 from tests.support.load import SteadyLoad, wait_all_applied
 from tests.support.waiting import eventually
+from tests.support.zombie_controller import PAUSE_FILE_VARIABLE
+
+ZOMBIE = "tests.support.zombie_controller"
+"""The controller's module with the zombie hook: ``start_controller(..., module=ZOMBIE)``."""
 
 AgentFactory = Any
 """The ``agents`` fixture: ``agents(customer, environment, agent)`` makes a connected agent."""
@@ -49,7 +53,7 @@ async def wait_file(path: Path, timeout_s: float) -> dict[str, Any]:
 
 
 def zombie_env(pause_file: Path, *, keep_transaction_open: bool = False) -> dict[str, str]:
-    """Controller environment arming the test-only hook ``ControllerSettings.test_pause_file``.
+    """Environment for ``tests.support.zombie_controller`` (start it with ``ZOMBIE``).
 
     ``keep_transaction_open``: PostgreSQL would otherwise end the stopped
     controller's idle session after 2 s (the default), long before a test wakes it.
@@ -58,7 +62,7 @@ def zombie_env(pause_file: Path, *, keep_transaction_open: bool = False) -> dict
     (and so the takeover) until that session ends, which is right but not the
     scenario such a test is about.
     """
-    env = {"FLEETPLANE_CONTROLLER_TEST_PAUSE_FILE": str(pause_file)}
+    env = {PAUSE_FILE_VARIABLE: str(pause_file)}
     if keep_transaction_open:
         env["FLEETPLANE_CONTROLLER_IDLE_IN_TRANSACTION_TIMEOUT_S"] = "120"
         env["FLEETPLANE_CONTROLLER_COMMAND_TIMER_INTERVAL_S"] = "60"

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.chaos.scenario import finish, fleet, stop_inside_a_transaction, zombie_env
+from tests.chaos.scenario import ZOMBIE, finish, fleet, stop_inside_a_transaction, zombie_env
 from tests.support import ownership as own
 from tests.support.deployment import Deployment
 from tests.support.invariants import Ledger
@@ -72,7 +72,7 @@ async def test_zombie_holding_an_open_transaction_is_fenced_and_its_effects_are_
     # The fence at commit is what this test is about, so the zombie's transaction
     # is kept open while it is stopped; the next test covers the idle timeout.
     zombie = deployment.start_controller(
-        "zombie", extra_env=zombie_env(pause_file, keep_transaction_open=True)
+        "zombie", extra_env=zombie_env(pause_file, keep_transaction_open=True), module=ZOMBIE
     )
     deployment.start_controller("healthy")
     healthy_id = own.instance_id(deployment, "healthy")
@@ -134,7 +134,7 @@ async def test_zombie_stopped_past_the_idle_timeout_does_not_hold_the_new_owner_
 ) -> None:
     deployment.start_apis()
     pause_file = tmp_path / "pause"
-    zombie = deployment.start_controller("zombie", extra_env=zombie_env(pause_file))
+    zombie = deployment.start_controller("zombie", extra_env=zombie_env(pause_file), module=ZOMBIE)
     deployment.start_controller("healthy")
     healthy_id = own.instance_id(deployment, "healthy")
     ledger = Ledger()
@@ -191,7 +191,7 @@ async def test_sigterm_finishes_the_batch_in_flight_and_hands_over_at_once(
     # The hook stops the controller inside an apply transaction: a batch certainly
     # in flight when SIGTERM arrives, kept open while the test holds it.
     leaving = deployment.start_controller(
-        "leaving", extra_env=zombie_env(pause_file, keep_transaction_open=True)
+        "leaving", extra_env=zombie_env(pause_file, keep_transaction_open=True), module=ZOMBIE
     )
     deployment.start_controller("staying")
     leaving_id = own.instance_id(deployment, "leaving")

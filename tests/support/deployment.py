@@ -96,8 +96,12 @@ class Deployment:
         wait_ready: bool = True,
         extra_env: dict[str, str] | None = None,
         wait: bool = True,
+        module: str = "services.controller",
     ) -> ServiceProcess:
-        """Start a controller and wait until ready (or healthy), or not at all (``wait=False``)."""
+        """Start a controller and wait until ready (or healthy), or not at all (``wait=False``).
+
+        ``module``: what ``python -m`` runs; tests pass one that wraps the controller.
+        """
         name = name or f"controller-{len(self.controllers) + 1}"
         port = self._next_controller_port
         self._next_controller_port += 1
@@ -105,7 +109,7 @@ class Deployment:
             name=name,
             args=[
                 "-m",
-                "services.controller",
+                module,
                 "--web-port",
                 str(port),
                 "--instance-id",
