@@ -207,7 +207,8 @@ async def test_health_readiness_and_metrics_need_no_identity(
     assert 'fleetplane_database_pool_connections{state="max"} 10.0' in text
     # Command delivery latency exists from start-up, before any command.
     for became_due in ("during_poll", "before_poll"):
-        assert f'fleetplane_api_command_delivery_seconds_count{{became_due="{became_due}"}} 0.0' in text
+        sample = f'fleetplane_api_command_delivery_seconds_count{{became_due="{became_due}"}}'
+        assert f"{sample} 0.0" in text
 
 
 async def test_unknown_methods_and_routes_do_not_mint_metric_labels(edge: Client) -> None:

@@ -11,6 +11,7 @@ from services.api.delivery import CommandDeliveries, DeliveryLedger
 from services.api.longpoll import CommandPoller, CommandSignals
 from services.shared import metrics as specs
 from services.shared.commands import Command, CommandResource
+from tests.support.waiting import eventually
 
 from .conftest import FakeRepository
 
@@ -121,8 +122,12 @@ async def test_a_command_that_arrives_while_the_poll_waits_is_during_poll() -> N
     signals = CommandSignals()
     poller = CommandPoller(repository, signals, deliveries=recorder)
     task = asyncio.create_task(poller.poll("acme", "prod", 5))
-    while not repository.command_queries:  # until the poll has queried and waits
-        await asyncio.sleep(0.01)
+
+    async def queries() -> int:
+        return len(repository.command_queries)
+
+    # Until the poll has queried (and found nothing): it waits now.
+    await eventually(queries, lambda n: n >= 1, timeout_s=2, interval_s=0.01, what="first query")
     repository.commands[("acme", "prod")] = [command(3)]
     repository.due_for_s[("acme", "prod")] = (0.0,)
     signals.notify("acme", "prod")
