@@ -239,7 +239,7 @@ class EdgeProbe:
     """An extra edge rendered from edge.conf.template, proxying to a no-op upstream.
 
     Its ports come from lib.sh's EDGE_PROBE_BASE_PORT (agent listener, operator
-    listener, no-op upstream, enrollment listener). The configuration is the
+    listener, no-op upstream, enrollment listener, stub_status). The configuration is the
     native edge's, with these changes, each made on exactly one line of the
     rendered text: limits from ``limits`` (default: none that a benchmark or a
     scan would reach); with ``agent_waf=False``, ``modsecurity off`` in the agent listener; with
@@ -262,6 +262,7 @@ class EdgeProbe:
         base = int(settings["PROBE_BASE_PORT"])
         self.agent_port, self.operator_port, self.upstream_port = base, base + 1, base + 2
         self.enroll_port = base + 3
+        self.status_port = base + 4
         self.nginx_bin = settings["NGINX_BIN"]
         values = {k: v for k, v in settings.items() if k not in ("NGINX_BIN", "PROBE_BASE_PORT")}
         values.update(limits)
@@ -278,6 +279,7 @@ class EdgeProbe:
                 "EDGE_PORT": str(self.agent_port),
                 "OPERATOR_PORT": str(self.operator_port),
                 "ENROLL_PORT": str(self.enroll_port),
+                "STATUS_PORT": str(self.status_port),
                 "API_SERVERS": f"        server 127.0.0.1:{self.upstream_port};",
                 # The no-op upstream also answers the per-request certificate check.
                 "GATEWAY_AUTH_SERVER": f"127.0.0.1:{self.upstream_port}",
@@ -319,7 +321,9 @@ class EdgeProbe:
     def start(self) -> EdgeProbe:
         self.upstream.start([self.upstream_port])
         try:
-            self.edge.start([self.agent_port, self.operator_port, self.enroll_port])
+            self.edge.start(
+                [self.agent_port, self.operator_port, self.enroll_port, self.status_port]
+            )
         except BaseException:
             self.upstream.stop()
             raise

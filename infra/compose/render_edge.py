@@ -29,6 +29,8 @@ OUTPUT: Final = HERE / "edge.conf"
 EDGE_PORT: Final = 18443
 OPERATOR_PORT: Final = 18444
 ENROLL_PORT: Final = 18445
+# stub_status for prometheus-nginx-exporter; published on the host's 127.0.0.1 only.
+STATUS_PORT: Final = 18446
 # The compose service and port of gateway_auth (FLEETPLANE_GATEWAY_AUTH_PORT).
 GATEWAY_AUTH_UPSTREAM: Final = ("gateway-auth", 18083)
 # Compose service names and the port each API instance listens on
@@ -50,6 +52,7 @@ VALUES: Final = {
     "EDGE_PORT": str(EDGE_PORT),
     "OPERATOR_PORT": str(OPERATOR_PORT),
     "ENROLL_PORT": str(ENROLL_PORT),
+    "STATUS_PORT": str(STATUS_PORT),
     "GATEWAY_AUTH_SERVER": "{}:{}".format(*GATEWAY_AUTH_UPSTREAM),
     "API_SERVERS": "\n".join(
         f"        server {host}:{port} max_fails=1 fail_timeout=2s;" for host, port in API_UPSTREAMS

@@ -28,6 +28,10 @@ PG_PASSWORD="${FLEETPLANE_DATABASE_PASSWORD:-fleetplane}"
 EDGE_PORT="${FLEETPLANE_EDGE_PORT:-18443}"
 OPERATOR_PORT="${FLEETPLANE_OPERATOR_PORT:-18444}"
 ENROLL_PORT="${FLEETPLANE_ENROLL_PORT:-18445}"
+# The edge's stub_status (connection counts), plain HTTP on 127.0.0.1, read by
+# prometheus-nginx-exporter (observability.sh). By default beside the edge's other
+# listeners, so stacks with their own edge ports get their own status port too.
+EDGE_STATUS_PORT="${FLEETPLANE_EDGE_STATUS_PORT:-$((EDGE_PORT + 3))}"
 GATEWAY_AUTH_PORT="${FLEETPLANE_GATEWAY_AUTH_PORT:-18083}"
 API_PORTS="${FLEETPLANE_API_PORTS:-18081 18082}"
 NGINX_BIN="${FLEETPLANE_NGINX_BIN:-/usr/sbin/nginx}"
@@ -181,9 +185,9 @@ EDGE_CONN="${FLEETPLANE_EDGE_CONN:-3000}"
 # The OWASP CRS as Debian's modsecurity-crs package installs it.
 CRS_SETUP="${FLEETPLANE_CRS_SETUP:-/etc/modsecurity/crs/crs-setup.conf}"
 CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"
-# First of four ports for the extra nginx instances that tests and benchmarks
+# First of five ports for the extra nginx instances that tests and benchmarks
 # start and stop themselves (bench/tools.py EdgeProbe: the edge template's agent
-# and operator listeners, a no-op upstream, the enrollment listener): the GoTestWAF probe and
+# and operator listeners, a no-op upstream, the enrollment listener, stub_status): the GoTestWAF probe and
 # `make bench ONLY=edge`.
 EDGE_PROBE_BASE_PORT="${FLEETPLANE_EDGE_PROBE_BASE_PORT:-18450}"
 
@@ -212,6 +216,9 @@ PROMETHEUS_PORT="${FLEETPLANE_PROMETHEUS_PORT:-19090}"
 ALERTMANAGER_PORT="${FLEETPLANE_ALERTMANAGER_PORT:-19094}"
 POSTGRES_EXPORTER_PORT="${FLEETPLANE_POSTGRES_EXPORTER_PORT:-19187}"
 EDGE_EXPORTER_PORT="${FLEETPLANE_EDGE_EXPORTER_PORT:-19903}"
+# prometheus-nginx-exporter over the edge's stub_status (connections); by default
+# beside Prometheus (19113: the exporter's usual 9113 shape).
+NGINX_EXPORTER_PORT="${FLEETPLANE_NGINX_EXPORTER_PORT:-$((PROMETHEUS_PORT + 23))}"
 # The broker's metrics: the Prometheus JMX exporter, as a Java agent in Kafka's JVM
 # (kafka.sh adds it when setup.sh has fetched the jar).
 KAFKA_METRICS_PORT="${FLEETPLANE_KAFKA_METRICS_PORT:-19095}"

@@ -26,7 +26,7 @@ render() {
     NGINX_MODULES="$NGINX_MODULES" NGINX_WORKERS="$NGINX_WORKERS" PID_FILE="$PIDFILE" \
         NGINX_DIR="$NGINX_DIR" PKI_DIR="$PKI_DIR" REPO_ROOT="$REPO_ROOT" \
         EDGE_PORT="$EDGE_PORT" OPERATOR_PORT="$OPERATOR_PORT" API_SERVERS="${servers%$'\n'}" \
-        ENROLL_PORT="$ENROLL_PORT" GATEWAY_AUTH_SERVER="127.0.0.1:$GATEWAY_AUTH_PORT" \
+        ENROLL_PORT="$ENROLL_PORT" STATUS_PORT="$EDGE_STATUS_PORT" GATEWAY_AUTH_SERVER="127.0.0.1:$GATEWAY_AUTH_PORT" \
         AGENT_RATE="$EDGE_AGENT_RATE" AGENT_BURST="$EDGE_AGENT_BURST" AGENT_CONN="$EDGE_AGENT_CONN" \
         OPERATOR_RATE="$EDGE_OPERATOR_RATE" OPERATOR_BURST="$EDGE_OPERATOR_BURST" \
         OPERATOR_CONN="$EDGE_OPERATOR_CONN" EDGE_CONN="$EDGE_CONN" \
@@ -58,6 +58,7 @@ start() {
     require_free_port nginx "$EDGE_PORT"
     require_free_port nginx "$OPERATOR_PORT"
     require_free_port nginx "$ENROLL_PORT"
+    require_free_port nginx "$EDGE_STATUS_PORT"
     render
     # daemon off under setsid: we know the master's pid at once, and it leads a
     # process group that holds its workers.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Prometheus, Alertmanager, the PostgreSQL exporter and mtail over the edge's access
-# log (Debian's packages) on 127.0.0.1, scraping every Fleetplane service and the
+# Prometheus, Alertmanager, the PostgreSQL exporter, mtail over the edge's access
+# log and prometheus-nginx-exporter over the edge's stub_status (Debian's packages) on 127.0.0.1, scraping every Fleetplane service and the
 # Kafka broker's JMX exporter agent (kafka.sh); configs rendered from infra/observability/.
 # Usage: observability.sh start|stop|status|targets
 #
@@ -26,11 +26,13 @@ PROM_BIN="${FLEETPLANE_PROMETHEUS_BIN:-/usr/bin/prometheus}"
 AM_BIN="${FLEETPLANE_ALERTMANAGER_BIN:-/usr/bin/prometheus-alertmanager}"
 PGX_BIN="${FLEETPLANE_POSTGRES_EXPORTER_BIN:-/usr/bin/prometheus-postgres-exporter}"
 MTAIL_BIN="${FLEETPLANE_MTAIL_BIN:-/usr/bin/mtail}"
+NGX_BIN="${FLEETPLANE_NGINX_EXPORTER_BIN:-/usr/bin/prometheus-nginx-exporter}"
 EDGE_ACCESS_LOG="$RUN_DIR/nginx/logs/access.log"
 PROM_PATTERN="$PROM_BIN --config.file=$PROM_CONFIG"
 AM_PATTERN="$AM_BIN --config.file=$AM_CONFIG"
 PGX_PATTERN="$PGX_BIN --web.listen-address=127.0.0.1:$POSTGRES_EXPORTER_PORT"
 MTAIL_PATTERN="$MTAIL_BIN --progs $CONFIG_DIR/mtail --port $EDGE_EXPORTER_PORT"
+NGX_PATTERN="$NGX_BIN -web.listen-address=127.0.0.1:$NGINX_EXPORTER_PORT"
 
 # One file_sd file per job: a JSON list with one target group.
 write_targets_file() {
@@ -51,6 +53,7 @@ write_targets() {
     write_targets_file fleetplane-controller "$CONTROLLER_PORTS"
     write_targets_file postgres "$POSTGRES_EXPORTER_PORT"
     write_targets_file edge "$EDGE_EXPORTER_PORT"
+    write_targets_file nginx "$NGINX_EXPORTER_PORT"
     write_targets_file kafka "$KAFKA_METRICS_PORT"
     write_targets_file fleetplane-backup "$BACKUP_METRICS_PORT"
 }
@@ -94,7 +97,7 @@ launch() {
 
 start() {
     local bin
-    for bin in "$PROM_BIN" "$AM_BIN" "$PGX_BIN" "$MTAIL_BIN"; do
+    for bin in "$PROM_BIN" "$AM_BIN" "$PGX_BIN" "$MTAIL_BIN" "$NGX_BIN"; do
         [[ -x "$bin" ]] || die "observability: $bin missing; run infra/local/setup.sh"
     done
     mkdir -p "$OBS_PIDS" "$OBS_LOGS" "$OBSERVABILITY_DIR/prometheus-data" "$OBSERVABILITY_DIR/alertmanager-data"
@@ -112,6 +115,13 @@ start() {
     launch edge-exporter "$OBS_PIDS/edge-exporter.pid" "$MTAIL_PATTERN" "$EDGE_EXPORTER_PORT" /metrics \
         "$MTAIL_BIN" --progs "$CONFIG_DIR/mtail" --port "$EDGE_EXPORTER_PORT" --address 127.0.0.1 \
         --logs "$EDGE_ACCESS_LOG" --emit_prog_label=false --logtostderr
+    # The edge's connections from its stub_status listener (infra/nginx/edge.conf.template).
+    # The exporter exits when nginx does not answer at start (after the retries);
+    # later it keeps running and reports nginx_up 0.
+    launch nginx-exporter "$OBS_PIDS/nginx-exporter.pid" "$NGX_PATTERN" "$NGINX_EXPORTER_PORT" /metrics \
+        "$NGX_BIN" "-web.listen-address=127.0.0.1:$NGINX_EXPORTER_PORT" \
+        "-nginx.scrape-uri=http://127.0.0.1:$EDGE_STATUS_PORT/stub_status" \
+        -nginx.retries=5 -nginx.retry-interval=1s -nginx.timeout=2s
     # An empty cluster address turns gossip off: one Alertmanager, no extra port.
     launch alertmanager "$OBS_PIDS/alertmanager.pid" "$AM_PATTERN" "$ALERTMANAGER_PORT" /-/ready \
         "$AM_BIN" "--config.file=$AM_CONFIG" "--storage.path=$OBSERVABILITY_DIR/alertmanager-data" \
@@ -128,6 +138,7 @@ stop() {
     stop_pid alertmanager "$OBS_PIDS/alertmanager.pid" "$AM_PATTERN"
     stop_pid postgres-exporter "$OBS_PIDS/postgres-exporter.pid" "$PGX_PATTERN"
     stop_pid edge-exporter "$OBS_PIDS/edge-exporter.pid" "$MTAIL_PATTERN"
+    stop_pid nginx-exporter "$OBS_PIDS/nginx-exporter.pid" "$NGX_PATTERN"
 }
 
 status() {
@@ -136,6 +147,7 @@ status() {
     status_line alertmanager "$OBS_PIDS/alertmanager.pid" "$AM_PATTERN" "$ALERTMANAGER_PORT" || rc=1
     status_line postgres-exporter "$OBS_PIDS/postgres-exporter.pid" "$PGX_PATTERN" "$POSTGRES_EXPORTER_PORT" || rc=1
     status_line edge-exporter "$OBS_PIDS/edge-exporter.pid" "$MTAIL_PATTERN" "$EDGE_EXPORTER_PORT" || rc=1
+    status_line nginx-exporter "$OBS_PIDS/nginx-exporter.pid" "$NGX_PATTERN" "$NGINX_EXPORTER_PORT" || rc=1
     return "$rc"
 }
 

@@ -9,6 +9,8 @@ APT_PACKAGES=(
     openjdk-17-jre-headless maven python3-venv curl
     # Monitoring (infra/local/observability.sh): promtool and amtool come with them.
     prometheus prometheus-alertmanager prometheus-postgres-exporter mtail
+    # The edge's connections, from nginx's stub_status (observability.sh).
+    prometheus-nginx-exporter
 )
 
 installed() {

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from services.api.delivery import CommandDeliveries
 from services.api.kafka import kafka_producer
 from services.api.keys import (
     EVENTS,
@@ -128,7 +129,9 @@ def create_app(
     async def commands_ctx(app: web.Application) -> AsyncIterator[None]:
         signals = CommandSignals()
         app[SIGNALS] = signals
-        app[POLLER] = CommandPoller(app[REPOSITORY], signals)
+        app[POLLER] = CommandPoller(
+            app[REPOSITORY], signals, deliveries=CommandDeliveries(app[METRICS].command_delivery)
+        )
         async with deps.command_listener(settings, signals):
             yield
             # Waiting polls were already answered by end_polls (on_shutdown).

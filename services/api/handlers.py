@@ -334,5 +334,8 @@ async def _probe(name: str, check: Awaitable[None]) -> bool:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of this app's own registry."""
+    pool = request.app[METRICS].database_pool
+    for state, connections in request.app[REPOSITORY].pool_use().items():
+        pool.labels(state).set(connections)
     payload = generate_latest(request.app[METRICS].registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from services.api.delivery import CommandDeliveries
 from services.api.repository import PendingCommands
 from services.shared.commands import MAX_WAIT_S, CommandsReply
 from services.shared.identity import IdentityError, check_id
@@ -186,6 +187,8 @@ class CommandPoller:
     signals: CommandSignals
     clock: Callable[[], float] = field(default=time.monotonic)
     uniform: Callable[[float, float], float] = field(default=random.uniform)
+    deliveries: CommandDeliveries | None = None
+    """Measures command delivery latency on each reply with commands; None: not measured."""
 
     async def poll(self, customer_id: str, environment_id: str, wait_s: float) -> CommandsReply:
         """The environment's due commands, as soon as there are some, or none after ``wait_s``.
@@ -196,12 +199,22 @@ class CommandPoller:
         agent's next poll reaches another instance). ``next_poll_s`` is 0 with
         commands, else ``next_poll_delay()``. Database errors propagate.
         """
-        deadline = self.clock() + wait_s
+        opened = self.clock()
+        deadline = opened + wait_s
         with self.signals.subscribe(customer_id, environment_id) as subscription:
             while True:
                 subscription.clear()
+                queried = self.clock()
                 pending = await self.repository.pending_commands(customer_id, environment_id)
                 if pending.commands:
+                    if self.deliveries is not None:
+                        # The due ages were taken when the query ran: add the time since.
+                        now = self.clock()
+                        self.deliveries.handed_out(
+                            pending.commands,
+                            [due + (now - queried) for due in pending.due_for_s],
+                            now - opened,
+                        )
                     return CommandsReply(commands=pending.commands, next_poll_s=0)
                 remaining = deadline - self.clock()
                 if remaining <= 0 or self.signals.closed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.shared import metrics as specs
 
@@ -19,6 +19,8 @@ class ApiMetrics:
     produce_duration: Histogram
     kafka_unavailable: Counter
     revocation_delay: Histogram
+    command_delivery: Histogram
+    database_pool: Gauge
 
     @classmethod
     def create(cls) -> ApiMetrics:
@@ -33,4 +35,6 @@ class ApiMetrics:
             produce_duration=specs.histogram(registry, specs.API_PRODUCE_DURATION),
             kafka_unavailable=specs.counter(registry, specs.API_KAFKA_UNAVAILABLE),
             revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
+            command_delivery=specs.histogram(registry, specs.API_COMMAND_DELIVERY),
+            database_pool=specs.gauge(registry, specs.DATABASE_POOL_CONNECTIONS),
         )

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.settings import ApiSettings
 from services.shared.commands import Command, CommandResource
-from services.shared.db import create_engine
+from services.shared.db import create_engine, pool_use
 from services.shared.identity import AgentIdentity
 from services.shared.schema import (
     agent_status,
@@ -73,6 +73,10 @@ class PendingCommands:
     A re-offered command is held back (``not_before`` in the future) and no NOTIFY
     announces the moment it becomes due, so a waiting poll wakes itself then.
     """
+    due_for_s: tuple[float, ...] = ()
+    """For each of ``commands``, seconds since its current offer became due (now minus
+    ``not_before``, both on the database's clock) when the query ran; empty when unknown.
+    Measures command delivery latency (services/api/delivery.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,10 @@ class FleetRepository(Protocol):
         """Return when the database answers a trivial query; raise otherwise."""
         ...
 
+    def pool_use(self) -> dict[str, int]:
+        """The database pool now (services.shared.db.pool_use); empty without a pool."""
+        ...
+
 
 def event_status_query(identity: AgentIdentity, event_id: str) -> Select[Any]:
     """The one event record of this agent, scoped by every part of its identity."""
@@ -152,6 +160,8 @@ def due_commands_query(customer_id: str, environment_id: str) -> Select[Any]:
             commands.c.resource_name,
             commands.c.version,
             commands.c.attempts,
+            # The database's clock on both sides: not_before is written with now().
+            func.extract("epoch", func.now() - commands.c.not_before).label("due_for_s"),
         )
         .where(*_for_environment(customer_id, environment_id), commands.c.not_before <= func.now())
         .order_by(commands.c.id)
@@ -278,6 +288,7 @@ class SqlFleetRepository:
         return PendingCommands(
             [command_from_row(row) for row in rows],
             None if due_in_s is None else max(float(due_in_s), 0.0),
+            tuple(float(row.due_for_s) for row in rows),
         )
 
     async def environments(self, customer_id: str) -> list[EnvironmentRow]:
@@ -300,6 +311,9 @@ class SqlFleetRepository:
     async def ping(self) -> None:
         async with self.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
+
+    def pool_use(self) -> dict[str, int]:
+        return pool_use(self.engine)
 
 
 @asynccontextmanager

@@ -28,6 +28,7 @@ from services.gateway_auth.models import (
     TokenRequest,
 )
 from services.gateway_auth.service import IssuedAgentCertificate
+from services.shared.db import pool_use
 from services.shared.edge_auth import (
     PeerCert,
     agent_certificate_from_request,
@@ -295,6 +296,9 @@ async def metrics(request: web.Request) -> web.Response:
             "root-ca": settings.root_ca_cert,
         },
     )
+    pool = request.app[METRICS].database_pool
+    for state, connections in pool_use(request.app[STORE].engine).items():
+        pool.labels(state).set(connections)
     payload = generate_latest(request.app[METRICS].registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

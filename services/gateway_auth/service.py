@@ -53,6 +53,7 @@ class GatewayMetrics:
     revocation_delay: Histogram
     certificate_expiry: Gauge
     request_duration: Histogram
+    database_pool: Gauge
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -66,6 +67,7 @@ class GatewayMetrics:
             revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
             certificate_expiry=specs.gauge(registry, specs.CERTIFICATE_EXPIRY),
             request_duration=specs.histogram(registry, specs.GATEWAY_AUTH_REQUEST_DURATION),
+            database_pool=specs.gauge(registry, specs.DATABASE_POOL_CONNECTIONS),
         )
 
 

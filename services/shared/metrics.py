@@ -274,7 +274,8 @@ DATABASE_POOL_CONNECTIONS: Final = MetricSpec(
     "gauge",
     "connections",
     "The process's PostgreSQL connection pool at scrape time, by state: in_use (checked "
-    "out), idle (open, in the pool), max (the most it may open). Exported by the controller.",
+    "out), idle (open, in the pool), max (the most it may open). Exported by the controller, "
+    "the API and gateway_auth alike: the scrape job tells the services apart.",
     ("state",),
 )
 
@@ -287,6 +288,23 @@ ENVIRONMENTS_BY_LIVENESS: Final = MetricSpec(
     "partition, so each customer is counted once; every state is exported, 0 included. "
     "Low volume (customers x 4): the one series with a customer label.",
     ("customer", "liveness"),
+)
+
+COMMAND_DELIVERY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600,
+)  # fmt: skip
+API_COMMAND_DELIVERY: Final = MetricSpec(
+    "fleetplane_api_command_delivery_seconds",
+    "histogram",
+    "seconds",
+    "Time from the moment a command offer became due (the not_before of its current "
+    "attempt) to the moment a long poll of this API process first handed that offer to an "
+    "agent, observed once per (command id, attempt) and process. became_due says whether "
+    "the offer became due while that poll was already waiting (during_poll: the platform's "
+    "own delay, NOTIFY to reply) or before the poll arrived (before_poll: includes the "
+    "agent's time between polls or offline).",
+    ("became_due",),
+    buckets=COMMAND_DELIVERY_BUCKETS,
 )
 
 ALL_METRICS: Final = (
@@ -325,6 +343,7 @@ ALL_METRICS: Final = (
     GATEWAY_AUTH_REQUEST_DURATION,
     DATABASE_POOL_CONNECTIONS,
     ENVIRONMENTS_BY_LIVENESS,
+    API_COMMAND_DELIVERY,
 )
 
 

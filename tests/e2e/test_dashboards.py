@@ -1,7 +1,8 @@
 """Every panel query of the Grafana dashboards, run against the native Prometheus.
 
 Real edge, API, gateway_auth and controllers under a steady agent load (and one
-request the WAF refuses), scraped every second by the Prometheus that
+request the WAF refuses, and operators' changes that an agent's long polls pick up
+as commands), scraped every second by the Prometheus that
 ``infra/local/observability.sh`` starts, with the real recording rules. Each
 query must parse and return at least one finite value: a panel that would stay
 empty (a renamed metric, a label that does not exist) fails here.
@@ -9,6 +10,8 @@ empty (a renamed metric, a label that does not exist) fails here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import ssl
@@ -24,6 +27,7 @@ from tests.support.deployment import Deployment
 from tests.support.invariants import Ledger
 from tests.support.load import SteadyLoad
 from tests.support.monitoring import Monitoring
+from tests.support.operators import OperatorClient
 from tests.support.ownership import customers_covering
 from tests.support.stack import ROOT
 from tests.support.waiting import eventually
@@ -74,6 +78,32 @@ async def waf_refusal(operator_url: str, pki_dir: Path) -> int:
         return reply.status
 
 
+async def command_flow(operator: OperatorClient, agent: AgentClient) -> int:
+    """Operator changes, each a new command, picked up by the agent's long polls, until cancelled.
+
+    A poll is open when each change is made, so most commands become due while it
+    waits (the delivery SLO's path); the agents keep reporting the old version, so
+    each new revision supersedes the last command and the next one is a new offer.
+    Returns how many replies carried commands.
+    """
+    replies = 0
+    revision = 0
+    while True:
+        revision += 1
+        poll = asyncio.create_task(agent.poll_commands(10))
+        status, body = await operator.set_desired(
+            agent.customer_id,
+            agent.environment_id,
+            revision,
+            [{"kind": "statefulset", "name": "db", "version": f"16.{revision}"}],
+        )
+        assert status == 202, body
+        status, reply = await poll
+        assert status == 200, reply
+        replies += bool(reply["commands"])
+        await asyncio.sleep(1)
+
+
 async def test_every_panel_query_returns_data_from_the_live_prometheus(
     deployment: Deployment,
     monitoring: Monitoring,
@@ -94,11 +124,35 @@ async def test_every_panel_query_returns_data_from_the_live_prometheus(
                 empty.append(f"{title}: {expr}")
         return empty
 
+    # A second agent of the first environment takes its commands: agent-1 keeps the load.
+    commander = agents(fleet[0].customer_id, fleet[0].environment_id, "agent-2")
+    operator = OperatorClient(
+        stack.pki_dir, deployment.operator_key(fleet[0].customer_id), stack.operator_url
+    )
     async with SteadyLoad(fleet, Ledger(), pause_s=0.2):
+        commands = asyncio.create_task(command_flow(operator, commander))
         assert await waf_refusal(stack.operator_url, stack.pki_dir) == 403
-        await eventually(
-            empty_panels, lambda e: e == [], timeout_s=90, interval_s=2, what="every panel has data"
+        try:
+            await eventually(
+                empty_panels,
+                lambda e: e == [],
+                timeout_s=90,
+                interval_s=2,
+                what="every panel has data",
+            )
+        finally:
+            commands.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await commands
+        # Database pool use from all three services, told apart by the scrape job.
+        jobs = await monitoring.query(
+            'count by (job) (fleetplane_database_pool_connections{state="max"})'
         )
+        assert {s["metric"]["job"] for s in jobs} == {
+            "fleetplane-api",
+            "fleetplane-gateway-auth",
+            "fleetplane-controller",
+        }
         # The customer drill-down counts each environment once across the two
         # controllers: each customer has exactly one exporter, its partition's owner.
         await eventually(

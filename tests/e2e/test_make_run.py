@@ -42,6 +42,8 @@ PORTS = {
     "FLEETPLANE_POSTGRES_EXPORTER_PORT": 29187,
     "FLEETPLANE_EDGE_EXPORTER_PORT": 29903,
     "FLEETPLANE_KAFKA_METRICS_PORT": 29095,
+    "FLEETPLANE_EDGE_STATUS_PORT": 28446,
+    "FLEETPLANE_NGINX_EXPORTER_PORT": 29113,
 }
 API_PORTS = (28081, 28082)
 CONTROLLER_PORTS = (28091, 28092)
@@ -176,6 +178,7 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
             "fleetplane-controller": ["up", "up"],
             "postgres": ["up"],
             "edge": ["up"],
+            "nginx": ["up"],
             "kafka": ["up"],
             "fleetplane-backup": ["up"],
             "prometheus": ["up"],

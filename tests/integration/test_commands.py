@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import psycopg
 from aiokafka import AIOKafkaProducer
 
@@ -80,6 +81,69 @@ async def test_desired_state_reaches_a_waiting_long_poll_and_converges(
     assert statuses == [("succeeded",), ("succeeded",)]
     audit = rows(deployment, "SELECT operator, action, revision, outcome FROM operator_audit")
     assert [(a[1], a[2], a[3]) for a in audit] == [("set_desired_state", 1, "applied")]
+
+
+async def delivery_samples(deployment: Deployment, port: int) -> dict[str, dict[str, float]]:
+    """``{became_due: {"count": n, "sum": s}}`` of the delivery histogram on one API's /metrics."""
+    async with (
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=deployment.api_ssl_context())
+        ) as session,
+        session.get(f"https://127.0.0.1:{port}/metrics") as reply,
+    ):
+        text = await reply.text()
+    found: dict[str, dict[str, float]] = {}
+    for became_due in ("during_poll", "before_poll"):
+        for suffix in ("count", "sum"):
+            prefix = (
+                f'fleetplane_api_command_delivery_seconds_{suffix}{{became_due="{became_due}"}} '
+            )
+            line = next(line for line in text.splitlines() if line.startswith(prefix))
+            found.setdefault(became_due, {})[suffix] = float(line.removeprefix(prefix))
+    return found
+
+
+async def test_command_delivery_latency_is_observed_once_per_offer_through_the_edge(
+    deployment: Deployment, agents: AgentFactory
+) -> None:
+    # One API process, so every poll through the edge reaches it (each process
+    # counts an offer once: two would each count it).
+    port = deployment.fleet.stack.api_ports[0]
+    deployment.start_api(port)
+    deployment.start_controller()
+    operator = OperatorClient(
+        deployment.fleet.stack.pki_dir,
+        deployment.operator_key("acme"),
+        deployment.fleet.stack.operator_url,
+    )
+    agent: AgentClient = agents("acme", "prod", "agent-1")
+    assert (await agent.post_events([agent.heartbeat(), agent.observed([])]))[0] == 202
+    before = await delivery_samples(deployment, port)
+    assert before == {
+        "during_poll": {"count": 0, "sum": 0},
+        "before_poll": {"count": 0, "sum": 0},
+    }, "both series exist from start-up, empty"
+
+    poll = asyncio.create_task(agent.poll_commands(20))
+    started = time.monotonic()
+    status, body = await operator.set_desired("acme", "prod", 1, [WEB, JOB])
+    assert status == 202, body
+    status, reply = await poll
+    assert status == 200, reply
+    assert len(reply["commands"]) == 2
+    within_s = time.monotonic() - started
+    first = await delivery_samples(deployment, port)
+    assert first["during_poll"]["count"] + first["before_poll"]["count"] == 2
+    # Each offer waited at most from the operator's change to the reply.
+    assert first["during_poll"]["sum"] + first["before_poll"]["sum"] <= 2 * within_s
+
+    # No result yet: the next polls hand out the same two offers, counted no more.
+    for _ in range(2):
+        status, again = await agent.poll_commands(5)
+        assert status == 200, again
+        assert {c["id"] for c in again["commands"]} == {c["id"] for c in reply["commands"]}
+    assert await delivery_samples(deployment, port) == first
+    print(f"command delivery: {first} (change to reply {within_s:.3f} s)")
 
 
 async def produce_change(deployment: Deployment, change_id: str, revision: int) -> None:

@@ -110,6 +110,7 @@ class FakeRepository:
     records: dict[tuple[str, str, str, str], EventStatus] = field(default_factory=dict)
     commands: dict[tuple[str, str], list[Command]] = field(default_factory=dict)
     next_due_in_s: dict[tuple[str, str], float] = field(default_factory=dict)
+    due_for_s: dict[tuple[str, str], tuple[float, ...]] = field(default_factory=dict)
     environment_rows: dict[str, list[EnvironmentRow]] = field(default_factory=dict)
     audit_rows: dict[str, list[AuditRow]] = field(default_factory=dict)
     keys: dict[str, StoredOperatorKey] = field(default_factory=dict)
@@ -118,6 +119,7 @@ class FakeRepository:
     calls: list[tuple[AgentIdentity, str]] = field(default_factory=list)
     command_queries: list[tuple[str, str]] = field(default_factory=list)
     key_lookups: list[str] = field(default_factory=list)
+    pool: dict[str, int] = field(default_factory=lambda: {"in_use": 1, "idle": 2, "max": 10})
 
     def add_key(self, customer_id: str | None) -> NewKey:
         """Store a new operator key scoped to ``customer_id`` (None: all); returns its token."""
@@ -139,7 +141,11 @@ class FakeRepository:
         self.command_queries.append((customer_id, environment_id))
         self._fail()
         key = (customer_id, environment_id)
-        return PendingCommands(list(self.commands.get(key, [])), self.next_due_in_s.get(key))
+        return PendingCommands(
+            list(self.commands.get(key, [])),
+            self.next_due_in_s.get(key),
+            self.due_for_s.get(key, ()),
+        )
 
     async def environments(self, customer_id: str) -> list[EnvironmentRow]:
         self._fail()
@@ -157,6 +163,9 @@ class FakeRepository:
     async def ping(self) -> None:
         if not self.reachable:
             raise OSError("database down")
+
+    def pool_use(self) -> dict[str, int]:
+        return dict(self.pool)
 
 
 def fake_dependencies(producer: FakeProducer, repository: FakeRepository) -> Dependencies:

@@ -202,6 +202,13 @@ async def test_health_readiness_and_metrics_need_no_identity(
     assert 'fleetplane_api_requests_total{method="GET",route="/readyz",status="503"} 2.0' in text
     assert 'fleetplane_api_batches_refused_total{reason="unauthenticated"} 1.0' in text
     assert "fleetplane_api_request_duration_seconds_bucket" in text
+    # The pool, as the controller exports it (the scrape job tells the services apart).
+    assert 'fleetplane_database_pool_connections{state="in_use"} 1.0' in text
+    assert 'fleetplane_database_pool_connections{state="max"} 10.0' in text
+    # Command delivery latency exists from start-up, before any command.
+    for became_due in ("during_poll", "before_poll"):
+        sample = f'fleetplane_api_command_delivery_seconds_count{{became_due="{became_due}"}}'
+        assert f"{sample} 0.0" in text
 
 
 async def test_unknown_methods_and_routes_do_not_mint_metric_labels(edge: Client) -> None:
