@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from services.shared.migrate import upgrade
 from services.shared.settings import DatabaseSettings
@@ -76,6 +77,15 @@ def clone_database(stack: Stack, name: str) -> None:
         )
 
 
+@retry(
+    # FORCE terminates the database's sessions, but refuses one still logging in
+    # (it has no role yet, "must be a member of the role whose process is being
+    # terminated"): a process stopped a moment ago may have been reconnecting.
+    retry=retry_if_exception_type(psycopg.errors.InsufficientPrivilege),
+    wait=wait_fixed(0.2),
+    stop=stop_after_attempt(10),
+    reraise=True,
+)
 def drop_database(stack: Stack, name: str) -> None:
     with psycopg.connect(stack.admin_dsn(), autocommit=True) as conn:
         conn.execute(
