@@ -2,7 +2,7 @@
 
 faust runs the controller (its app, web views, timers and producer); the events
 are consumed here, on aiokafka's documented surface: ``subscribe`` with a
-``ConsumerRebalanceListener``, ``getmany``, ``seek``, ``pause``, ``highwater``. A
+``ConsumerRebalanceListener``, ``getmany``, ``seek``, ``pause``, ``end_offsets``. A
 consumed batch goes to the ``Applier`` whole, with every partition's records in
 offset order. Where a partition starts is the offset stored in PostgreSQL with
 the effects, never Kafka's committed offset (nothing is committed to Kafka).

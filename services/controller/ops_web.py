@@ -35,13 +35,13 @@ from services.controller.settings import ControllerSettings
 logger = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 1.0
-"""How often the lag gauge is refreshed: from memory only, so it costs nothing."""
+"""How often the lag and stall gauges are refreshed: one ListOffsets request to Kafka."""
 
 
 def update_lag(
     metrics: ControllerMetrics,
     held: Mapping[int, Claim],
-    highwater: Callable[[int], int | None],
+    log_end: Callable[[int], int | None],
     exported: set[int],
     *,
     stalls: StallTracker | None = None,
@@ -50,15 +50,16 @@ def update_lag(
 ) -> set[int]:
     """Set the lag and oldest-pending-age gauges of every held partition; drop the others.
 
-    ``highwater(p)`` is the log end the consumer last fetched (None before any
-    fetch); ``fetched`` the (offset, timestamp) of the first record of each batch
-    being applied. Only the owner exports a partition, so summing over controllers
-    never counts one twice. Returns the partitions now exported.
+    ``log_end(p)`` is the partition's log end in Kafka (None when unknown: the
+    partition is then left out); ``fetched`` the (offset, timestamp) of the first
+    record of each batch being applied. Only the owner exports a partition, so
+    summing over controllers never counts one twice. Returns the partitions now
+    exported.
     """
     now = time.time() if now_s is None else now_s
     exporting: set[int] = set()
     for partition, claim in held.items():
-        end = highwater(partition)
+        end = log_end(partition)
         if end is None:
             continue
         label = str(partition)
