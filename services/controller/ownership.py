@@ -10,10 +10,12 @@ current one*; a controller whose partition has moved on (a paused or partitioned
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Final
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import BigInteger, Integer, bindparam, column, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared.schema import epoch_sequence, partition_ownership
@@ -78,6 +80,83 @@ async def advance_fenced(conn: AsyncConnection, claim: Claim, next_offset: int) 
     )
     if result.rowcount != 1:
         raise FencedError(claim.topic, claim.partition, claim.epoch)
+
+
+def _fence_statement() -> Any:
+    wanted = (
+        func.unnest(
+            bindparam("fence_partitions", type_=ARRAY(Integer)),
+            bindparam("fence_epochs", type_=ARRAY(BigInteger)),
+            bindparam("fence_next_offsets", type_=ARRAY(BigInteger)),
+        )
+        .table_valued(
+            column("partition", Integer),
+            column("epoch", BigInteger),
+            column("next_offset", BigInteger),
+        )
+        .render_derived(name="wanted")
+    )
+    owned = partition_ownership.c
+    # ORDER BY with FOR UPDATE locks the rows in partition order (PostgreSQL sorts
+    # before it locks), so two controllers fencing overlapping partitions never
+    # wait on each other in opposite orders.
+    locked = (
+        select(owned.partition)
+        .join_from(
+            partition_ownership,
+            wanted,
+            (owned.partition == wanted.c.partition) & (owned.epoch == wanted.c.epoch),
+        )
+        .where(owned.topic == bindparam("fence_topic"))
+        .order_by(owned.partition)
+        .with_for_update(of=partition_ownership)
+        .cte("locked")
+    )
+    return (
+        update(partition_ownership)
+        .values(next_offset=wanted.c.next_offset, updated_at=func.now())
+        .where(
+            owned.topic == bindparam("fence_topic"),
+            owned.partition == wanted.c.partition,
+            owned.epoch == wanted.c.epoch,
+            owned.partition.in_(select(locked.c.partition)),
+        )
+        .returning(owned.partition)
+    )
+
+
+ADVANCE_FENCED: Final = _fence_statement()
+
+
+def fence_parameters(advances: Sequence[tuple[Claim, int]]) -> dict[str, Any]:
+    """The bound arrays of ``ADVANCE_FENCED`` for (claim, next offset) pairs of one topic."""
+    topics = {claim.topic for claim, _ in advances}
+    if len(topics) != 1:
+        raise ValueError(f"one fence covers one topic, not {sorted(topics)}")
+    ordered = sorted(advances, key=lambda a: a[0].partition)
+    return {
+        "fence_topic": topics.pop(),
+        "fence_partitions": [claim.partition for claim, _ in ordered],
+        "fence_epochs": [claim.epoch for claim, _ in ordered],
+        "fence_next_offsets": [next_offset for _, next_offset in ordered],
+    }
+
+
+async def advance_all_fenced(conn: AsyncConnection, advances: Sequence[tuple[Claim, int]]) -> None:
+    """Store every partition's new offset, if every claim still holds the current epoch.
+
+    One statement for the whole batch: it locks the ownership rows in partition
+    order, checks each epoch and moves each offset. Must be the last statement of
+    the apply transaction (the rows stay locked until commit). Raises FencedError
+    for the lowest partition whose epoch was superseded; the caller rolls back.
+    """
+    if not advances:
+        return
+    result = await conn.execute(ADVANCE_FENCED, fence_parameters(advances))
+    advanced = {int(row.partition) for row in result}
+    for claim, _ in sorted(advances, key=lambda a: a[0].partition):
+        if claim.partition not in advanced:
+            raise FencedError(claim.topic, claim.partition, claim.epoch)
 
 
 async def current_epoch(conn: AsyncConnection, topic: str, partition: int) -> int | None:

@@ -36,6 +36,7 @@ from services.controller.handlers import (
     Decoded,
     DecodedChange,
     Delivered,
+    EnvironmentKey,
     Plan,
     Poison,
     decode,
@@ -45,11 +46,12 @@ from services.controller.metrics import ControllerMetrics
 from services.controller.ownership import (
     Claim,
     FencedError,
-    advance_fenced,
+    advance_all_fenced,
     check_fenced,
     take_epoch,
 )
 from services.controller.store import (
+    BatchOwner,
     expire_commands,
     load_known_state,
     reconcile_environments,
@@ -370,7 +372,7 @@ class Applier:
         prepared_work = dict(work)
         while work:
             try:
-                plans = await self._apply_with_retry(work)
+                plan = await self._apply_with_retry(work)
             except FencedError as fenced:
                 lost = work.pop(fenced.partition)
                 again = self._fenced(lost)
@@ -391,7 +393,7 @@ class Applier:
                 for item in sorted(work.values(), key=lambda w: w.claim.partition):
                     await self._isolate(item)
                 break
-            self._advance(work, plans)
+            self._advance(work, plan)
             break
         self._metrics.apply_duration.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(sum(w.records for w in prepared_work.values()))
@@ -414,7 +416,7 @@ class Applier:
         while queue:
             part = queue.pop()
             try:
-                plans = await self._apply_with_retry({partition: part})
+                plan = await self._apply_with_retry({partition: part})
             except FencedError:
                 again = self._fenced(part)
                 if again is None:
@@ -436,7 +438,7 @@ class Applier:
                 # The refused record is counted in the stored offset, with nothing else.
                 queue.append(replace(part, decoded=[]))
                 continue
-            self._advance({partition: part}, plans)
+            self._advance({partition: part}, plan)
 
     async def _dead_letter_refused(
         self, refused: Decoded | DecodedChange, error: Exception
@@ -535,7 +537,7 @@ class Applier:
                 return
         await self._seek(partition, next_offset)
 
-    async def _apply_with_retry(self, work: dict[int, _PartitionWork]) -> dict[int, Plan]:
+    async def _apply_with_retry(self, work: dict[int, _PartitionWork]) -> Plan:
         claims = {p: w.claim for p, w in work.items()}
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(is_back_pressure),
@@ -578,25 +580,27 @@ class Applier:
         )
         return None
 
-    def _advance(self, work: dict[int, _PartitionWork], plans: dict[int, Plan]) -> None:
+    def _advance(self, work: dict[int, _PartitionWork], plan: Plan) -> None:
         """Account for committed ``work``: stored offsets in memory, and what it applied."""
         # Wall clock on both sides: accepted_at is the API's stamp, in another process.
         committed_at = time.time()
         for partition, item in work.items():
             self._ownerships.advance(partition, item.next_offset)
-            plan = plans[partition]
-            self._metrics.duplicates.inc(plan.duplicates)
-            for outcome in plan.outcomes:
-                self._metrics.events_applied.labels(
-                    outcome.decoded.record.event.type, outcome.status
-                ).inc()
-                self._metrics.accept_to_applied.observe(
-                    max(committed_at - outcome.decoded.record.accepted_at.timestamp(), 0.0)
-                )
-            for audit in plan.audits:
-                self._metrics.events_applied.labels("desired_state", audit.outcome).inc()
-            for reason in plan.resync_requests:
-                self._metrics.resync_requests.labels(reason).inc()
+        self._metrics.duplicates.inc(plan.duplicates)
+        applied: dict[tuple[str, str], int] = {}
+        for outcome in plan.outcomes:
+            label: tuple[str, str] = (outcome.decoded.record.event.type, outcome.status)
+            applied[label] = applied.get(label, 0) + 1
+            self._metrics.accept_to_applied.observe(
+                max(committed_at - outcome.decoded.record.accepted_at.timestamp(), 0.0)
+            )
+        for audit in plan.audits:
+            label = ("desired_state", audit.outcome)
+            applied[label] = applied.get(label, 0) + 1
+        for (kind, status), count in applied.items():
+            self._metrics.events_applied.labels(kind, status).inc(count)
+        for reason in plan.resync_requests:
+            self._metrics.resync_requests.labels(reason).inc()
 
     def _contiguous_run(self, claim: Claim, records: list[Delivered]) -> list[Delivered] | None:
         """The records to apply now: from the stored offset on, without gaps.
@@ -629,42 +633,48 @@ class Applier:
             run.append(record)
         return run
 
-    async def _transaction(self, work: dict[int, _PartitionWork]) -> dict[int, Plan]:
-        plans: dict[int, Plan] = {}
+    async def _transaction(self, work: dict[int, _PartitionWork]) -> Plan:
+        """One transaction for the whole batch, with a fixed number of statements.
+
+        At most five loads of what PostgreSQL knows (one per kind, for every
+        partition at once), one write per table, the reconciliation of every
+        environment whose desired or observed state changed (two loads, four
+        writes), and one fence over every partition. Customers are keyed to
+        partitions, so one plan over the partitions' records, each partition in
+        offset order, decides what per-partition plans would.
+        """
+        ordered = sorted(work.items())
+        batch = [d for _, item in ordered for d in item.decoded]
+        epochs = {partition: item.claim.epoch for partition, item in ordered}
         async with self._engine.begin() as conn:
-            for partition, item in sorted(work.items()):
-                claim = item.claim
-                known = await load_known_state(conn, item.decoded)
-                plan = plan_batch(item.decoded, known)
-                await write_plan(conn, plan, claim.epoch)
-                if plan.reconcile:
-                    await reconcile_environments(
-                        conn,
-                        plan.reconcile,
-                        epoch=claim.epoch,
-                        partition=partition,
-                        ack_timeout_s=self._ack_timeout_s,
-                    )
-                plans[partition] = plan
+            known = await load_known_state(conn, batch)
+            plan = plan_batch(batch, known)
+            await write_plan(conn, plan, epochs)
+            if plan.reconcile:
+                await reconcile_environments(
+                    conn,
+                    _reconcile_owners(batch, plan, epochs),
+                    ack_timeout_s=self._ack_timeout_s,
+                )
             if self.before_fence is not None:
+                applied: dict[int, list[str]] = {partition: [] for partition in work}
+                for outcome in plan.outcomes:
+                    applied[outcome.decoded.delivered.partition].append(
+                        outcome.decoded.record.event.id
+                    )
                 self.before_fence(
                     [
                         PendingFence(
-                            partition,
-                            item.claim.epoch,
-                            item.next_offset,
-                            [o.decoded.record.event.id for o in plans[partition].outcomes],
+                            partition, item.claim.epoch, item.next_offset, applied[partition]
                         )
-                        for partition, item in sorted(work.items())
+                        for partition, item in ordered
                     ]
                 )
-            # Every fence after every effect: an ownership row is locked only from
-            # its fence to the commit, so a controller paused while writing effects
+            # The fence after every effect: an ownership row is locked only from
+            # the fence to the commit, so a controller paused while writing effects
             # holds no ownership row, and a new owner can take the partition over.
-            # Sorted, so two controllers lock ownership rows in the same order.
-            for _partition, item in sorted(work.items()):
-                await advance_fenced(conn, item.claim, item.next_offset)
-        return plans
+            await advance_all_fenced(conn, [(item.claim, item.next_offset) for _, item in ordered])
+        return plan
 
     def _on_retry(self, state: RetryCallState) -> None:
         self._metrics.database_retries.inc()
@@ -674,6 +684,19 @@ class Applier:
             error,
             state.next_action.sleep if state.next_action else 0.0,
         )
+
+
+def _reconcile_owners(
+    batch: Sequence[Decoded | DecodedChange], plan: Plan, epochs: Mapping[int, int]
+) -> dict[EnvironmentKey, BatchOwner]:
+    """The partition and epoch each environment to reconcile was changed under."""
+    owners: dict[EnvironmentKey, BatchOwner] = {}
+    for decoded in batch:
+        key = (decoded.record.customer_id, decoded.record.environment_id)
+        if key in plan.reconcile:
+            partition = decoded.delivered.partition
+            owners[key] = BatchOwner(partition, epochs[partition])
+    return owners
 
 
 class CommandTimer:
