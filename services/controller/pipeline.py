@@ -36,26 +36,22 @@ from services.controller.handlers import (
     Decoded,
     DecodedChange,
     Delivered,
-    EnvironmentKey,
     Plan,
     Poison,
     decode,
-    plan_batch,
 )
 from services.controller.metrics import ControllerMetrics
 from services.controller.ownership import (
     Claim,
     FencedError,
-    advance_all_fenced,
     check_fenced,
     take_epoch,
 )
 from services.controller.store import (
-    BatchOwner,
+    BatchPart,
+    PendingFence,
+    apply_batch,
     expire_commands,
-    load_known_state,
-    reconcile_environments,
-    write_plan,
 )
 from services.shared import metrics as m
 
@@ -247,17 +243,6 @@ class _PartitionWork:
         left = replace(self, decoded=self.decoded[:half], next_offset=boundary, gap_after=False)
         right = replace(self, first_offset=boundary, decoded=self.decoded[half:])
         return left, right
-
-
-@dataclass(frozen=True, slots=True)
-class PendingFence:
-    """One partition of an apply transaction whose effects are written, not yet fenced."""
-
-    partition: int
-    epoch: int
-    next_offset: int
-    event_ids: list[str]
-    """Events applied (not skipped as duplicates) by this transaction in the partition."""
 
 
 class GuardedSeek:
@@ -634,47 +619,14 @@ class Applier:
         return run
 
     async def _transaction(self, work: dict[int, _PartitionWork]) -> Plan:
-        """One transaction for the whole batch, with a fixed number of statements.
-
-        At most five loads of what PostgreSQL knows (one per kind, for every
-        partition at once), one write per table, the reconciliation of every
-        environment whose desired or observed state changed (two loads, four
-        writes), and one fence over every partition. Customers are keyed to
-        partitions, so one plan over the partitions' records, each partition in
-        offset order, decides what per-partition plans would.
-        """
-        ordered = sorted(work.items())
-        batch = [d for _, item in ordered for d in item.decoded]
-        epochs = {partition: item.claim.epoch for partition, item in ordered}
+        parts = [
+            BatchPart(item.claim, item.decoded, item.next_offset)
+            for _, item in sorted(work.items())
+        ]
         async with self._engine.begin() as conn:
-            known = await load_known_state(conn, batch)
-            plan = plan_batch(batch, known)
-            await write_plan(conn, plan, epochs)
-            if plan.reconcile:
-                await reconcile_environments(
-                    conn,
-                    _reconcile_owners(batch, plan, epochs),
-                    ack_timeout_s=self._ack_timeout_s,
-                )
-            if self.before_fence is not None:
-                applied: dict[int, list[str]] = {partition: [] for partition in work}
-                for outcome in plan.outcomes:
-                    applied[outcome.decoded.delivered.partition].append(
-                        outcome.decoded.record.event.id
-                    )
-                self.before_fence(
-                    [
-                        PendingFence(
-                            partition, item.claim.epoch, item.next_offset, applied[partition]
-                        )
-                        for partition, item in ordered
-                    ]
-                )
-            # The fence after every effect: an ownership row is locked only from
-            # the fence to the commit, so a controller paused while writing effects
-            # holds no ownership row, and a new owner can take the partition over.
-            await advance_all_fenced(conn, [(item.claim, item.next_offset) for _, item in ordered])
-        return plan
+            return await apply_batch(
+                conn, parts, ack_timeout_s=self._ack_timeout_s, before_fence=self.before_fence
+            )
 
     def _on_retry(self, state: RetryCallState) -> None:
         self._metrics.database_retries.inc()
@@ -684,19 +636,6 @@ class Applier:
             error,
             state.next_action.sleep if state.next_action else 0.0,
         )
-
-
-def _reconcile_owners(
-    batch: Sequence[Decoded | DecodedChange], plan: Plan, epochs: Mapping[int, int]
-) -> dict[EnvironmentKey, BatchOwner]:
-    """The partition and epoch each environment to reconcile was changed under."""
-    owners: dict[EnvironmentKey, BatchOwner] = {}
-    for decoded in batch:
-        key = (decoded.record.customer_id, decoded.record.environment_id)
-        if key in plan.reconcile:
-            partition = decoded.delivered.partition
-            owners[key] = BatchOwner(partition, epochs[partition])
-    return owners
 
 
 class CommandTimer:

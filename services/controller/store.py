@@ -1,13 +1,15 @@
-"""SQL for the apply transaction: load what a batch needs, write its plan.
+"""SQL for the apply transaction: load what a batch needs, write its plan, fence it.
 
 Every statement runs inside the caller's transaction, which ends with the
-ownership fence (``ownership.advance_fenced``); nothing here commits.
+ownership fence (``ownership.advance_all_fenced``); nothing here commits.
+``apply_batch`` is the whole transaction's body: the controller runs it, and so
+does the ceiling bench's database-only loop, so both issue the same SQL.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
@@ -44,8 +46,10 @@ from services.controller.handlers import (
     PendingCommand,
     Plan,
     command_ids,
+    plan_batch,
     reconcile,
 )
+from services.controller.ownership import Claim, advance_all_fenced
 from services.shared.schema import (
     agent_status,
     commands,
@@ -741,3 +745,77 @@ async def expire_commands(
             select(func.pg_notify(COMMANDS_CHANNEL, f"{customer_id}/{environment_id}"))
         )
     return len(reoffered), timed_out.rowcount
+
+
+@dataclass(frozen=True, slots=True)
+class PendingFence:
+    """One partition of an apply transaction whose effects are written, not yet fenced."""
+
+    partition: int
+    epoch: int
+    next_offset: int
+    event_ids: list[str]
+    """Events applied (not skipped as duplicates) by this transaction in the partition."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPart:
+    """One partition's share of a batch: its records in offset order, under its claim."""
+
+    claim: Claim
+    decoded: Sequence[Decoded | DecodedChange]
+    next_offset: int
+    """The partition's stored offset once this part is applied."""
+
+
+async def apply_batch(
+    conn: AsyncConnection,
+    parts: Sequence[BatchPart],
+    *,
+    ack_timeout_s: float,
+    before_fence: Callable[[list[PendingFence]], None] | None = None,
+) -> Plan:
+    """Apply a batch in the caller's transaction, with a fixed number of statements.
+
+    At most five loads of what PostgreSQL knows (one per kind, every partition at
+    once), one write per table (``plan_statements``), the reconciliation of every
+    environment whose desired or observed state changed (two loads, at most four
+    writes), and one fence over every partition, last. Customers are keyed to
+    partitions, so one plan over the parts, each in offset order, decides what a
+    plan per partition would. ``before_fence`` observes the transaction with its
+    effects written (tests stop the process there).
+    """
+    ordered = sorted(parts, key=lambda p: p.claim.partition)
+    batch = [d for part in ordered for d in part.decoded]
+    epochs = {part.claim.partition: part.claim.epoch for part in ordered}
+    known = await load_known_state(conn, batch)
+    plan = plan_batch(batch, known)
+    await write_plan(conn, plan, epochs)
+    if plan.reconcile:
+        owners: dict[EnvironmentKey, BatchOwner] = {}
+        for decoded in batch:
+            key = (decoded.record.customer_id, decoded.record.environment_id)
+            if key in plan.reconcile:
+                partition = decoded.delivered.partition
+                owners[key] = BatchOwner(partition, epochs[partition])
+        await reconcile_environments(conn, owners, ack_timeout_s=ack_timeout_s)
+    if before_fence is not None:
+        applied: dict[int, list[str]] = {partition: [] for partition in epochs}
+        for outcome in plan.outcomes:
+            applied[outcome.decoded.delivered.partition].append(outcome.decoded.record.event.id)
+        before_fence(
+            [
+                PendingFence(
+                    part.claim.partition,
+                    part.claim.epoch,
+                    part.next_offset,
+                    applied[part.claim.partition],
+                )
+                for part in ordered
+            ]
+        )
+    # The fence after every effect: an ownership row is locked only from the fence
+    # to the commit, so a controller paused while writing effects holds no
+    # ownership row, and a new owner can take the partition over.
+    await advance_all_fenced(conn, [(part.claim, part.next_offset) for part in ordered])
+    return plan
