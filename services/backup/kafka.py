@@ -5,21 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+
+from services.shared.kafka_admin import TopicNotFound, kafka_admin, topic_partitions
 
 
 class KafkaUnavailable(Exception):
     pass
-
-
-async def _partitions(bootstrap: str, topic: str) -> list[int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    return sorted(int(p["partition"]) for p in described["partitions"])
 
 
 async def _log_starts(bootstrap: str, topics: list[str]) -> dict[str, dict[int, int]]:
@@ -30,13 +21,17 @@ async def _log_starts(bootstrap: str, topics: list[str]) -> dict[str, dict[int, 
         raise KafkaUnavailable(f"Kafka at {bootstrap} unreachable: {e}") from e
     try:
         starts: dict[str, dict[int, int]] = {}
-        cluster = await consumer.topics()
-        for topic in topics:
-            if topic not in cluster:
-                raise KafkaUnavailable(f"topic {topic} does not exist in Kafka at {bootstrap}")
-            tps = [TopicPartition(topic, p) for p in await _partitions(bootstrap, topic)]
-            begin = await consumer.beginning_offsets(tps)
-            starts[topic] = {tp.partition: int(begin[tp]) for tp in tps}
+        async with kafka_admin(bootstrap) as admin:
+            for topic in topics:
+                try:
+                    partitions = await topic_partitions(admin, topic)
+                except TopicNotFound as e:
+                    raise KafkaUnavailable(
+                        f"topic {topic} does not exist in Kafka at {bootstrap}"
+                    ) from e
+                tps = [TopicPartition(topic, p) for p in partitions]
+                begin = await consumer.beginning_offsets(tps)
+                starts[topic] = {tp.partition: int(begin[tp]) for tp in tps}
         return starts
     finally:
         await consumer.stop()

@@ -22,11 +22,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.shared.kafka_admin import kafka_admin
+from services.shared.kafka_admin import topic_partitions as shared_topic_partitions
 from services.shared.schema import environments, event_records, partition_ownership
 
 logger = logging.getLogger(__name__)
@@ -186,18 +187,10 @@ class LogOffsets:
 async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
     """The topic's partition ids, from the broker's metadata.
 
-    Raises LookupError when the topic does not exist.
+    Raises LookupError (``TopicNotFound``) when the topic does not exist.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        described = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    for d in described:
-        if d["topic"] == topic and not d["error_code"] and d["partitions"]:
-            return sorted(int(p["partition"]) for p in d["partitions"])
-    raise LookupError(f"topic {topic} does not exist")
+    async with kafka_admin(bootstrap) as admin:
+        return await shared_topic_partitions(admin, topic)
 
 
 async def read_log_offsets(bootstrap: str, topic: str, *, timeout_s: float = 10.0) -> LogOffsets:

@@ -42,6 +42,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from services.shared.kafka_admin import TopicNotFound, kafka_admin
+from services.shared.kafka_admin import topic_partitions as shared_topic_partitions
 from services.shared.settings import DatabaseSettings, KafkaSettings
 from services.shared.topics import add_partitions
 
@@ -104,9 +106,7 @@ async def pause_intake(bootstrap: str, topic: str) -> str | None:
 
     None means the topic had no override of its own (it used the broker's default).
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
+    async with kafka_admin(bootstrap) as admin:
         overrides = await _topic_overrides(admin, topic)
         previous = overrides.get(PAUSE_SETTING)
         if previous == PAUSED_VALUE:
@@ -122,47 +122,33 @@ async def pause_intake(bootstrap: str, topic: str) -> str | None:
             previous if previous is not None else "the broker default",
         )
         return previous
-    finally:
-        await admin.close()
 
 
 async def resume_intake(bootstrap: str, topic: str, previous: str | None) -> None:
     """Lift the pause: restore ``previous`` (None: back to the broker's default)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
+    async with kafka_admin(bootstrap) as admin:
         overrides = await _topic_overrides(admin, topic)
         overrides.pop(PAUSE_SETTING, None)
         if previous is not None:
             overrides[PAUSE_SETTING] = previous
         await _set_overrides(admin, topic, overrides)
         logger.info("resumed intake of %s", topic)
-    finally:
-        await admin.close()
 
 
 async def intake_paused(bootstrap: str, topic: str) -> bool:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
+    async with kafka_admin(bootstrap) as admin:
         return (await _topic_overrides(admin, topic)).get(PAUSE_SETTING) == PAUSED_VALUE
-    finally:
-        await admin.close()
 
 
 # --- Drain ---------------------------------------------------------------------------
 
 
 async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    if described["error_code"] or not described["partitions"]:
-        raise ProcedureError(f"topic {topic} not found")
-    return sorted(int(p["partition"]) for p in described["partitions"])
+    async with kafka_admin(bootstrap) as admin:
+        try:
+            return await shared_topic_partitions(admin, topic)
+        except TopicNotFound as e:
+            raise ProcedureError(f"topic {topic} not found") from e
 
 
 async def partition_lag(kafka: KafkaSettings, database: DatabaseSettings) -> list[PartitionLag]:
