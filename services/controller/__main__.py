@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from services.controller.settings import ControllerSettings
 
 if TYPE_CHECKING:
-    from services.controller.pipeline import Applier
+    from services.controller.applier import Applier
 
 logger = logging.getLogger("services.controller")
 

@@ -6,8 +6,8 @@ import logging
 
 import faust
 
+from services.controller.command_timer import CommandTimer
 from services.controller.consumer import PartitionConsumer
-from services.controller.pipeline import CommandTimer
 
 logger = logging.getLogger(__name__)
 

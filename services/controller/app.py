@@ -20,10 +20,12 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.controller.agents import register_command_timer, register_consumer
+from services.controller.applier import Applier, RecordSource
+from services.controller.claims import Ownerships
+from services.controller.command_timer import CommandTimer
 from services.controller.consumer import PartitionConsumer
 from services.controller.metrics import ControllerMetrics
 from services.controller.ops_web import register_ops
-from services.controller.pipeline import Applier, CommandTimer, LogStart, Ownerships, Seek
 from services.controller.settings import ControllerSettings
 from services.controller.topics import TopicDeadLetters
 from services.shared.db import create_engine, pool_use
@@ -108,16 +110,15 @@ def create_app(settings: ControllerSettings) -> ControllerApp:
 
     dead_letters = TopicDeadLetters(app, kafka.dead_letter_topic, kafka.events_topic)
 
-    def make_applier(seek: Seek, log_start: LogStart) -> Applier:
+    def make_applier(source: RecordSource) -> Applier:
         return Applier(
             app.engine,
             app.ownerships,
             dead_letters,
-            seek,
+            source,
             app.metrics,
             max_backoff_s=settings.retry_max_backoff_s,
             ack_timeout_s=settings.command_ack_timeout_s,
-            log_start=log_start,
         )
 
     app.partitions = PartitionConsumer(settings, app.ownerships, app.metrics, make_applier)

@@ -30,9 +30,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
+from services.controller.applier import Applier, CallableSource, GuardedSeek, RecordSource
+from services.controller.claims import Ownerships
 from services.controller.handlers import Delivered
 from services.controller.metrics import ControllerMetrics
-from services.controller.pipeline import Applier, GuardedSeek, LogStart, Ownerships, Seek
 from services.controller.settings import ControllerSettings
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ class PartitionConsumer:
         settings: ControllerSettings,
         ownerships: Ownerships,
         metrics: ControllerMetrics,
-        make_applier: Callable[[Seek, LogStart], Applier],
+        make_applier: Callable[[RecordSource], Applier],
     ) -> None:
-        """``make_applier(seek, log_start)`` builds the applier on this consumer's seeks."""
+        """``make_applier(source)`` builds the applier on this consumer's seeks and log starts."""
         kafka = settings.kafka
         self._topic = kafka.events_topic
         self._ownerships = ownerships
@@ -75,7 +76,9 @@ class PartitionConsumer:
         }
         self._consumer: AIOKafkaConsumer | None = None
         """Made in ``start``: aiokafka binds it to the running event loop."""
-        self.applier = make_applier(GuardedSeek(self._seek, self._assigned), self._log_start)
+        self.applier = make_applier(
+            CallableSource(GuardedSeek(self._seek, self._assigned), self._log_start)
+        )
         self._batch = asyncio.Lock()
         """Held while a batch is applied; the revoke callback waits for it."""
         self._stopping = asyncio.Event()

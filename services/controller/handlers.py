@@ -3,7 +3,7 @@
 Plain functions and data, no faust and no database: ``decode`` sorts records into
 valid ones and poison, ``plan_batch`` decides, in partition order, what each event
 does to the fleet state given what PostgreSQL already holds. ``store.py`` writes
-the plan; ``pipeline.py`` ties the two together under the ownership fence.
+the plan; ``applier.py`` ties the two together under the ownership fence.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.controller.claims import Ownerships
 from services.controller.metrics import ControllerMetrics
 from services.controller.ops import (
     CustomerPartitions,
@@ -28,7 +29,6 @@ from services.controller.ops import (
     read_record_times,
 )
 from services.controller.ownership import Claim
-from services.controller.pipeline import Ownerships
 from services.controller.retention import RecordPruner
 from services.controller.settings import ControllerSettings
 

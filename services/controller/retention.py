@@ -22,10 +22,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.controller.claims import Ownerships
 from services.controller.failures import is_back_pressure
 from services.controller.metrics import ControllerMetrics
 from services.controller.ownership import FencedError, check_fenced
-from services.controller.pipeline import Ownerships
 from services.shared.schema import event_records
 
 logger = logging.getLogger(__name__)

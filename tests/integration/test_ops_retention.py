@@ -12,9 +12,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from sqlalchemy import insert
 
+from services.controller.claims import Ownerships
 from services.controller.metrics import ControllerMetrics
 from services.controller.ownership import take_epoch
-from services.controller.pipeline import Ownerships
 from services.controller.retention import RecordPruner
 from services.shared.db import create_engine
 from services.shared.schema import event_records

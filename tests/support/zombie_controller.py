@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.controller.__main__ import main
-from services.controller.pipeline import Applier
+from services.controller.applier import Applier
 from services.controller.store import PendingFence
 
 PAUSE_FILE_VARIABLE = "FLEETPLANE_TEST_PAUSE_FILE"

@@ -13,8 +13,8 @@ from psycopg import errors
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from services.controller.applier import GuardedSeek
 from services.controller.failures import classify, describe, sqlstate_of
-from services.controller.pipeline import GuardedSeek
 
 
 def from_server(sqlstate: str, message: str = "refused") -> DBAPIError:

@@ -1,6 +1,7 @@
-"""The apply pipeline: one fenced PostgreSQL transaction per partition batch.
+"""The applier: one fenced PostgreSQL transaction per consumed batch.
 
-Kafka plumbing (faust) hands in consumed records; this module filters what was
+A source (the Kafka consumer in production, ``RecordSource``) hands in consumed
+records; this module filters what was
 already applied, sends poison to the dead-letter topic, plans the effects and
 writes them together with the partition's next offset, under the epoch fence.
 Two kinds of failure, as in every stream processor worth copying:
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -31,6 +32,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from services.controller.claims import Ownerships
 from services.controller.failures import describe, is_back_pressure, sqlstate_of
 from services.controller.handlers import (
     Decoded,
@@ -44,16 +46,12 @@ from services.controller.metrics import ControllerMetrics
 from services.controller.ownership import (
     Claim,
     FencedError,
-    check_fenced,
-    take_epoch,
 )
 from services.controller.store import (
     BatchPart,
     PendingFence,
     apply_batch,
-    expire_commands,
 )
-from services.shared import metrics as m
 
 logger = logging.getLogger(__name__)
 
@@ -63,157 +61,38 @@ LogStart = Callable[[int], Awaitable[int]]
 """The log-start offset of a partition: the oldest record Kafka still has."""
 
 
+class RecordSource(Protocol):
+    """What the applier asks of the source of its records.
+
+    The Kafka consumer in production (``consumer.PartitionConsumer``); an in-memory
+    source in the apply contract tests, which drive the applier through the same
+    interface against both.
+    """
+
+    async def seek(self, partition: int, offset: int) -> None:
+        """Deliver ``partition`` again from ``offset`` (the applier's stored offset)."""
+
+    async def log_start(self, partition: int) -> int:
+        """The oldest offset the source still holds for ``partition``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallableSource:
+    """A ``RecordSource`` made of two callables."""
+
+    seek_to: Seek
+    log_start_of: LogStart
+
+    async def seek(self, partition: int, offset: int) -> None:
+        await self.seek_to(partition, offset)
+
+    async def log_start(self, partition: int) -> int:
+        return await self.log_start_of(partition)
+
+
 class DeadLetterSink(Protocol):
     async def send(self, poison: Poison) -> None:
         """Publish ``poison`` to the dead-letter topic; return only once acknowledged."""
-
-
-class Ownerships:
-    """The partitions this controller holds, each with its epoch and next offset.
-
-    Backed by the ownership table: ``claim`` takes a new epoch for each partition
-    not yet held. Not thread-safe; used from the controller's event loop only.
-    """
-
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        topic: str,
-        owner: str,
-        metrics: ControllerMetrics,
-        *,
-        max_backoff_s: float = 5.0,
-    ) -> None:
-        self._engine = engine
-        self._topic = topic
-        self._owner = owner
-        self._metrics = metrics
-        self._max_backoff_s = max_backoff_s
-        self._claims: dict[int, Claim] = {}
-        # faust can seek (and so claim) from its recovery and its fetcher at once;
-        # two claims racing would each take an epoch and the later one would fence
-        # the batches of the earlier.
-        self._claiming = asyncio.Lock()
-        self.refused: dict[int, str] = {}
-        """Partitions assigned to us that we will not apply, with the reason (``/readyz``)."""
-        # Registered here rather than in ControllerMetrics: only Ownerships sets it.
-        self._refused_gauge = m.gauge(metrics.registry, m.CONTROLLER_REFUSED_PARTITIONS)
-
-    @property
-    def topic(self) -> str:
-        return self._topic
-
-    def get(self, partition: int) -> Claim | None:
-        return self._claims.get(partition)
-
-    def held(self) -> Mapping[int, Claim]:
-        return dict(self._claims)
-
-    async def claim(
-        self, partitions: Iterable[int], log_start: Mapping[int, int]
-    ) -> dict[int, Claim]:
-        """Take a fresh epoch for every partition not already held; return all held ones.
-
-        A partition that never applied anything starts at Kafka's log start. One whose
-        stored offset is below the log start is refused (see ``refused``): its records
-        were deleted before they were applied, and starting later would lose them
-        silently.
-        """
-        partitions = list(partitions)
-        async with self._claiming:
-            # Back-pressure, as for batches: a claim is retried while PostgreSQL is
-            # unavailable (the rollback undid every epoch of the failed attempt). faust
-            # cancels this wait when the group rebalances again.
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(is_back_pressure),
-                wait=wait_exponential_jitter(multiplier=0.1, max=self._max_backoff_s),
-                before_sleep=self._on_retry,
-                reraise=True,
-            ):
-                with attempt:
-                    await self._claim_missing(partitions, log_start)
-        self._update_gauges()
-        return {p: c for p, c in self._claims.items() if p in set(partitions)}
-
-    async def _claim_missing(self, partitions: list[int], log_start: Mapping[int, int]) -> None:
-        wanted = [p for p in partitions if p not in self._claims]
-        if not wanted:
-            return
-        claimed: dict[int, Claim] = {}
-        refused: dict[int, tuple[int, int]] = {}
-        async with self._engine.begin() as conn:
-            for partition in sorted(wanted):
-                claim = await take_epoch(conn, self._topic, partition, self._owner)
-                start = log_start.get(partition, 0)
-                if claim.next_offset == 0 and start > 0:
-                    claim = replace(claim, next_offset=start)
-                elif claim.next_offset < start:
-                    refused[partition] = (claim.next_offset, start)
-                    continue
-                claimed[partition] = claim
-        # Only once committed: a claim rolled back (and retried) held nothing.
-        for partition, (next_offset, start) in refused.items():
-            self._refuse(partition, next_offset, start)
-        for partition, claim in claimed.items():
-            self._claims[partition] = claim
-            self.refused.pop(partition, None)
-            logger.info(
-                "claimed %s[%d] with epoch %d at offset %d",
-                self._topic,
-                partition,
-                claim.epoch,
-                claim.next_offset,
-            )
-
-    def _on_retry(self, state: RetryCallState) -> None:
-        self._metrics.database_retries.inc()
-        error = state.outcome.exception() if state.outcome else None
-        logger.warning("database unavailable (%s); retrying the claim of partitions", error)
-
-    def refuse(self, partition: int, log_start: int) -> None:
-        """Stop applying a held partition whose next record Kafka has deleted meanwhile.
-
-        The partition stays assigned to this controller, so no other one skips the
-        gap either; it waits, counted in the refused metric, for an operator.
-        """
-        claim = self._claims.pop(partition, None)
-        if claim is not None:
-            self._refuse(partition, claim.next_offset, log_start)
-        self._update_gauges()
-
-    def _refuse(self, partition: int, next_offset: int, log_start: int) -> None:
-        reason = (
-            f"stored offset {next_offset} of {self._topic}[{partition}] is "
-            f"below the log start {log_start}: records were deleted before they "
-            "were applied; restore them or reset the offset deliberately"
-        )
-        logger.error("refusing partition: %s", reason)
-        self.refused[partition] = reason
-
-    def release(self, partitions: Iterable[int]) -> None:
-        for partition in partitions:
-            self._claims.pop(partition, None)
-            self.refused.pop(partition, None)
-        self._update_gauges()
-
-    def release_claim(self, claim: Claim) -> None:
-        """Forget ``claim`` (fenced), unless the partition was claimed again since.
-
-        A batch prepared before a rebalance can be fenced by this controller's own
-        newer epoch for the same partition; that newer claim must stay.
-        """
-        held = self._claims.get(claim.partition)
-        if held is not None and held.epoch == claim.epoch:
-            self.release([claim.partition])
-
-    def _update_gauges(self) -> None:
-        self._metrics.owned_partitions.set(len(self._claims))
-        self._refused_gauge.set(len(self.refused))
-
-    def advance(self, partition: int, next_offset: int) -> None:
-        claim = self._claims.get(partition)
-        if claim is not None:
-            self._claims[partition] = replace(claim, next_offset=next_offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,21 +157,19 @@ class Applier:
         engine: AsyncEngine,
         ownerships: Ownerships,
         dead_letters: DeadLetterSink,
-        seek: Seek,
+        source: RecordSource,
         metrics: ControllerMetrics,
         *,
         max_backoff_s: float = 5.0,
         ack_timeout_s: float = 30.0,
-        log_start: LogStart | None = None,
     ) -> None:
         self._engine = engine
         self._ownerships = ownerships
         self._dead_letters = dead_letters
-        self._seek = seek
+        self._source = source
         self._metrics = metrics
         self._max_backoff_s = max_backoff_s
         self._ack_timeout_s = ack_timeout_s
-        self._log_start = log_start
         self.before_fence: Callable[[list[PendingFence]], None] | None = None
         """Called inside each apply transaction once its effects are written and before
         its fences are checked; blocking it holds the transaction open. For
@@ -515,12 +392,11 @@ class Applier:
         if self._ownerships.get(partition) is None:
             logger.info("partition %d is no longer held; not resuming it", partition)
             return
-        if self._log_start is not None:
-            start = await self._log_start(partition)
-            if start > next_offset:
-                self._ownerships.refuse(partition, start)
-                return
-        await self._seek(partition, next_offset)
+        start = await self._source.log_start(partition)
+        if start > next_offset:
+            self._ownerships.refuse(partition, start)
+            return
+        await self._source.seek(partition, next_offset)
 
     async def _apply_with_retry(self, work: dict[int, _PartitionWork]) -> Plan:
         claims = {p: w.claim for p, w in work.items()}
@@ -636,55 +512,3 @@ class Applier:
             error,
             state.next_action.sleep if state.next_action else 0.0,
         )
-
-
-class CommandTimer:
-    """Re-offers overdue commands and times out those out of attempts, per held partition."""
-
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        ownerships: Ownerships,
-        metrics: ControllerMetrics,
-        *,
-        ack_timeout_s: float,
-        max_attempts: int,
-        max_backoff_s: float = 60.0,
-    ) -> None:
-        self._engine = engine
-        self._ownerships = ownerships
-        self._metrics = metrics
-        self._ack_timeout_s = ack_timeout_s
-        self._max_attempts = max_attempts
-        self._max_backoff_s = max_backoff_s
-
-    async def tick(self) -> None:
-        for partition, claim in sorted(self._ownerships.held().items()):
-            try:
-                async with self._engine.begin() as conn:
-                    await check_fenced(conn, claim)
-                    reoffered, timed_out = await expire_commands(
-                        conn,
-                        partition=partition,
-                        epoch=claim.epoch,
-                        ack_timeout_s=self._ack_timeout_s,
-                        max_attempts=self._max_attempts,
-                        max_backoff_s=self._max_backoff_s,
-                    )
-            except FencedError:
-                self._metrics.fenced_writes.inc()
-                self._ownerships.release_claim(claim)
-                continue
-            except Exception as e:
-                if not is_back_pressure(e):
-                    raise
-                logger.warning("command timer: database unavailable (%s); next tick retries", e)
-                return
-            if reoffered or timed_out:
-                logger.info(
-                    "%s[%d]: re-offered %d command(s), timed out %d",
-                    claim.topic,
-                    partition,
-                    reoffered,
-                    timed_out,
-                )
