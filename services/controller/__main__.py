@@ -151,6 +151,11 @@ def _run(args: argparse.Namespace) -> int:
         logger.error("cannot start: %s", problem)
         return 2
 
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        # Before the app and its worker exist: both take the loop the policy makes.
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = create_app(settings)
     if args.customize is not None:
         args.customize(app.partitions.applier)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,9 @@ class ControllerSettings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 18091
     """Liveness, readiness and metrics."""
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    """The event loop the worker runs on. asyncio's own until uvloop measurably helps:
+    side by side it did not (docs/decisions/0001-ownership.md, "Batch-wide SQL")."""
     batch_max_records: int = Field(default=500, ge=1, le=10_000)
     """Most records applied in one PostgreSQL transaction."""
     batch_within_s: float = Field(default=0.05, gt=0, le=5)
