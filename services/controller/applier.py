@@ -1,9 +1,9 @@
 """The applier: one fenced PostgreSQL transaction per consumed batch.
 
 A source (the Kafka consumer in production, ``RecordSource``) hands in consumed
-records; this module filters what was
-already applied, sends poison to the dead-letter topic, plans the effects and
-writes them together with the partition's next offset, under the epoch fence.
+records; this module filters what was already applied, sends poison to the
+dead-letter topic, and has ``store.apply_batch`` plan the effects and write them
+with every partition's next offset, under the epoch fence.
 Two kinds of failure, as in every stream processor worth copying:
 
 - back-pressure: PostgreSQL unreachable. The batch is retried with capped,

@@ -45,9 +45,8 @@ class Ownerships:
         self._metrics = metrics
         self._max_backoff_s = max_backoff_s
         self._claims: dict[int, Claim] = {}
-        # faust can seek (and so claim) from its recovery and its fetcher at once;
-        # two claims racing would each take an epoch and the later one would fence
-        # the batches of the earlier.
+        # Two claims racing (a rebalance callback cancelled and run again) would
+        # each take an epoch, and the later one would fence the batches of the earlier.
         self._claiming = asyncio.Lock()
         self.refused: dict[int, str] = {}
         """Partitions assigned to us that we will not apply, with the reason (``/readyz``)."""
