@@ -24,7 +24,6 @@ from services.api.keys import (
 )
 from services.api.longpoll import CommandPoller, CommandSignals
 from services.api.metrics import ApiMetrics
-from services.api.middlewares import metrics_middleware, problem_middleware, request_id_middleware
 from services.api.notify_listener import command_listener
 from services.api.operators import OperatorAuthenticator
 from services.api.repository import FleetRepository, sql_repository
@@ -34,6 +33,7 @@ from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
 from services.shared.notify import StateFollower
 from services.shared.revocations import IDENTITY_CHANNEL
+from services.shared.web.middlewares import http_middlewares
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def create_app(
     """
     deps = dependencies or Dependencies()
     app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware, problem_middleware],
+        middlewares=http_middlewares(lambda app: app[METRICS], service="API"),
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -33,11 +33,11 @@ from services.api.repository import (
 )
 from services.api.service import KafkaHeaders
 from services.api.settings import ApiSettings
-from services.api.tls import server_ssl_context
 from services.shared.commands import Command
 from services.shared.identity import AgentIdentity
 from services.shared.operator_keys import NewKey, new_key
 from services.shared.settings import DatabaseSettings, KafkaSettings
+from services.shared.web.tls import server_ssl_context
 
 EDGE_CN = "fleetplane-edge"
 
@@ -301,7 +301,9 @@ async def serve(
     """
     app = create_app(settings, dependencies=fake_dependencies(producer, repository))
     server = TestServer(app, host="127.0.0.1")
-    await server.start_server(ssl=server_ssl_context(settings))
+    await server.start_server(
+        ssl=server_ssl_context(settings.tls_cert, settings.tls_key, settings.edge_ca)
+    )
     client: Client = TestClient(server, connector=aiohttp.TCPConnector(ssl=client_ssl))
     async with client:
         yield client
