@@ -24,34 +24,54 @@ from services.api.keys import (
 )
 from services.api.longpoll import CommandPoller, CommandSignals
 from services.api.metrics import ApiMetrics
-from services.api.notify_listener import command_listener
 from services.api.operators import OperatorAuthenticator
 from services.api.repository import FleetRepository, sql_repository
 from services.api.revocation_watch import RevocationWatch
 from services.api.routes import setup_routes
 from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
-from services.shared.notify import StateFollower
-from services.shared.revocations import IDENTITY_CHANNEL
+from services.shared.channels import COMMANDS_CHANNEL, IDENTITY_CHANNEL
+from services.shared.notify import Channel, PsycopgNotifyConnection, psycopg_follower
 from services.shared.web.middlewares import http_middlewares
 
 log = logging.getLogger(__name__)
 
 ProducerFactory = Callable[[ApiSettings], AbstractAsyncContextManager[RecordProducer]]
 RepositoryFactory = Callable[[ApiSettings], AbstractAsyncContextManager[FleetRepository]]
-ListenerFactory = Callable[[ApiSettings, CommandSignals], AbstractAsyncContextManager[object]]
-WatchFactory = Callable[[ApiSettings, RevocationWatch], AbstractAsyncContextManager[object]]
+FollowerFactory = Callable[
+    [ApiSettings, CommandSignals, RevocationWatch], AbstractAsyncContextManager[object]
+]
 
 
 @asynccontextmanager
-async def identity_follower(settings: ApiSettings, watch: RevocationWatch) -> AsyncIterator[None]:
-    """Follow gateway_auth's revocations (LISTEN + periodic reload) in the background."""
-    follower = StateFollower(
+async def notify_follower(
+    settings: ApiSettings, signals: CommandSignals, watch: RevocationWatch
+) -> AsyncIterator[None]:
+    """The process's one LISTEN connection, following both channels in the background.
+
+    Commands notifications wake the named environment's long polls (every poll
+    after a reconnect, since notifications sent meanwhile are lost); identity
+    notifications reload the revocations that end open polls. Does not wait for
+    the first connection: the API starts even while PostgreSQL is unreachable,
+    and polls answer at their deadline until it is back.
+    """
+
+    async def reload_revocations(connection: PsycopgNotifyConnection) -> None:
+        await watch.reload(connection.connection)
+
+    follower = psycopg_follower(
         settings.database.libpq_dsn,
-        IDENTITY_CHANNEL,
-        watch.reload,
-        interval_s=settings.identity_reload_s,
-        name="fleetplane-api-identity",
+        [
+            Channel(
+                COMMANDS_CHANNEL, on_payload=signals.notify_payload, on_listen=signals.wake_all
+            ),
+            Channel(
+                IDENTITY_CHANNEL,
+                reload=reload_revocations,
+                reload_interval_s=settings.identity_reload_s,
+            ),
+        ],
+        name="fleetplane-api-listen",
     )
     async with follower.running():
         yield
@@ -62,15 +82,14 @@ class Dependencies:
     """Where the app's external resources come from.
 
     The defaults are the production ones (a started Kafka producer, a PostgreSQL
-    engine, a LISTEN connection that feeds the given CommandSignals); unit tests
+    engine, the LISTEN connection that feeds CommandSignals and RevocationWatch); unit tests
     pass fakes. Each factory is entered when the app starts and exited when it
     cleans up.
     """
 
     producer: ProducerFactory = kafka_producer
     repository: RepositoryFactory = sql_repository
-    command_listener: ListenerFactory = command_listener
-    identity_follower: WatchFactory = identity_follower
+    follower: FollowerFactory = notify_follower
 
 
 def create_app(
@@ -79,7 +98,7 @@ def create_app(
     """The API application; nothing connects until it starts (``AppRunner.setup``).
 
     Startup fails (KafkaError) if no Kafka broker answers; PostgreSQL connects
-    lazily, and the LISTEN connection for long polls connects in the background.
+    lazily, and the LISTEN connection connects in the background.
     """
     deps = dependencies or Dependencies()
     app = web.Application(
@@ -132,16 +151,15 @@ def create_app(
         app[POLLER] = CommandPoller(
             app[REPOSITORY], signals, deliveries=CommandDeliveries(app[METRICS].command_delivery)
         )
-        async with deps.command_listener(settings, signals):
-            yield
-            # Waiting polls were already answered by end_polls (on_shutdown).
-            log.info("stopping the commands listener")
+        yield
 
     @asynccontextmanager
     async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
         app[WATCH] = watch = RevocationWatch(app[METRICS].revocation_delay)
-        async with deps.identity_follower(settings, watch):
+        async with deps.follower(settings, app[SIGNALS], watch):
             yield
+            # Waiting polls were already answered by end_polls (on_shutdown).
+            log.info("stopping the LISTEN connection")
 
     async def end_polls(app: web.Application) -> None:
         # on_shutdown runs after the listening socket closed and before aiohttp

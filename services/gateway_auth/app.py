@@ -28,10 +28,10 @@ from services.gateway_auth.keys import METRICS, SERVICE, SETTINGS, STORE, TRUST
 from services.gateway_auth.service import GatewayMetrics, IdentityService, IssuingCa, TrustKeeper
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
+from services.shared.channels import IDENTITY_CHANNEL
 from services.shared.db import create_engine
 from services.shared.identity_journal import IdentityJournal
-from services.shared.notify import StateFollower
-from services.shared.revocations import IDENTITY_CHANNEL
+from services.shared.notify import Channel, PsycopgNotifyConnection, psycopg_follower
 from services.shared.web.middlewares import http_middlewares
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,19 @@ def create_app(settings: GatewayAuthSettings) -> web.Application:
 
     @asynccontextmanager
     async def follower_ctx(app: web.Application) -> AsyncIterator[None]:
-        follower = StateFollower(
+        async def reload_trust(connection: PsycopgNotifyConnection) -> None:
+            await trust.reload(connection.connection)
+
+        follower = psycopg_follower(
             settings.database.libpq_dsn,
-            IDENTITY_CHANNEL,
-            trust.reload,
-            interval_s=settings.trust_reload_s,
-            name="fleetplane-gateway-auth-trust",
+            [
+                Channel(
+                    IDENTITY_CHANNEL,
+                    reload=reload_trust,
+                    reload_interval_s=settings.trust_reload_s,
+                )
+            ],
+            name="fleetplane-gateway-auth-listen",
         )
         async with follower.running():
             started = time.monotonic()

@@ -31,6 +31,7 @@ from services.api.repository import (
     PendingCommands,
     StoredOperatorKey,
 )
+from services.api.revocation_watch import RevocationWatch
 from services.api.service import KafkaHeaders
 from services.api.settings import ApiSettings
 from services.shared.commands import Command
@@ -178,12 +179,14 @@ def fake_dependencies(producer: FakeProducer, repository: FakeRepository) -> Dep
         yield repository
 
     @asynccontextmanager
-    async def no_listener(settings: ApiSettings, signals: CommandSignals) -> AsyncIterator[None]:
-        # Tests wake polls through app[SIGNALS] themselves.
+    async def no_follower(
+        settings: ApiSettings, signals: CommandSignals, watch: RevocationWatch
+    ) -> AsyncIterator[None]:
+        # Tests wake polls through app[SIGNALS] and revoke through app[WATCH] themselves.
         yield
 
     return Dependencies(
-        producer=producer_factory, repository=repository_factory, command_listener=no_listener
+        producer=producer_factory, repository=repository_factory, follower=no_follower
     )
 
 
