@@ -36,7 +36,6 @@ from services.api.models import (
     HealthReply,
     ReadyReply,
 )
-from services.api.openapi import openapi_text
 from services.api.operators import (
     AUDIT_LIMIT_DEFAULT,
     AUDIT_LIMIT_MAX,
@@ -261,11 +260,6 @@ async def get_audit(request: web.Request) -> web.Response:
         rows = await request.app[REPOSITORY].audit(customer_id, limit=limit)
     entries = [AuditEntry.model_validate(r, from_attributes=True) for r in rows]
     return _json(AuditReply(entries=entries))
-
-
-async def openapi_json(request: web.Request) -> web.Response:
-    """``GET /openapi.json``: the OpenAPI 3.1 description of every route; needs no identity."""
-    return web.Response(text=openapi_text(), content_type="application/json")
 
 
 def _json(reply: BaseModel, *, status: int = 200) -> web.Response:
