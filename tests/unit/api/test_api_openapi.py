@@ -84,6 +84,7 @@ def test_every_route_is_documented_and_vice_versa(settings: ApiSettings) -> None
     assert set(registered) == set(documented())
     for key, route in registered.items():
         assert documented()[key]["operationId"] == route.name
+        assert route.name is not None
         assert route.handler is OPERATIONS_BY_NAME[route.name].handler
     assert len(OPERATIONS_BY_NAME) == len(OPERATIONS) == len(registered)
 
