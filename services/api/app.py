@@ -9,19 +9,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from services.api import keys
 from services.api.delivery import CommandDeliveries
 from services.api.kafka import kafka_producer
-from services.api.keys import (
-    EVENTS,
-    METRICS,
-    OPERATORS,
-    POLLER,
-    PRODUCER,
-    REPOSITORY,
-    SETTINGS,
-    SIGNALS,
-    WATCH,
-)
 from services.api.longpoll import CommandPoller, CommandSignals
 from services.api.metrics import ApiMetrics
 from services.api.operators import OperatorAuthenticator
@@ -31,7 +21,7 @@ from services.api.routes import setup_routes
 from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
 from services.shared.channels import COMMANDS_CHANNEL, IDENTITY_CHANNEL
-from services.shared.notify import Channel, PsycopgNotifyConnection, psycopg_follower
+from services.shared.notify import Channel, psycopg_follower, reloading
 from services.shared.web.middlewares import http_middlewares
 
 log = logging.getLogger(__name__)
@@ -56,20 +46,13 @@ async def notify_follower(
     and polls answer at their deadline until it is back.
     """
 
-    async def reload_revocations(connection: PsycopgNotifyConnection) -> None:
-        await watch.reload(connection.connection)
-
     follower = psycopg_follower(
         settings.database.libpq_dsn,
         [
             Channel(
                 COMMANDS_CHANNEL, on_payload=signals.notify_payload, on_listen=signals.wake_all
             ),
-            Channel(
-                IDENTITY_CHANNEL,
-                reload=reload_revocations,
-                reload_interval_s=settings.identity_reload_s,
-            ),
+            reloading(IDENTITY_CHANNEL, watch.reload, settings.identity_reload_s),
         ],
         name="fleetplane-api-listen",
     )
@@ -102,20 +85,20 @@ def create_app(
     """
     deps = dependencies or Dependencies()
     app = web.Application(
-        middlewares=http_middlewares(lambda app: app[METRICS], service="API"),
+        middlewares=http_middlewares(lambda app: app[keys.METRICS], service="API"),
         client_max_size=settings.max_body_bytes,
     )
-    app[SETTINGS] = settings
+    app[keys.SETTINGS] = settings
 
     @asynccontextmanager
     async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[METRICS] = ApiMetrics.create()
+        app[keys.METRICS] = ApiMetrics.create()
         yield
 
     @asynccontextmanager
     async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
         async with deps.producer(settings) as producer:
-            app[PRODUCER] = producer
+            app[keys.PRODUCER] = producer
             log.info("Kafka producer started (%s)", settings.kafka.kafka_bootstrap)
             yield
             log.info("flushing and stopping the Kafka producer")
@@ -123,40 +106,42 @@ def create_app(
     @asynccontextmanager
     async def repository_ctx(app: web.Application) -> AsyncIterator[None]:
         async with deps.repository(settings) as repository:
-            app[REPOSITORY] = repository
+            app[keys.REPOSITORY] = repository
             yield
 
     @asynccontextmanager
     async def events_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[EVENTS] = EventService(
-            producer=app[PRODUCER],
+        app[keys.EVENTS] = EventService(
+            producer=app[keys.PRODUCER],
             topic=settings.kafka.events_topic,
             produce_timeout_s=settings.produce_timeout_s,
             retry_after_s=settings.retry_after_s,
-            metrics=app[METRICS],
+            metrics=app[keys.METRICS],
         )
         yield
 
     @asynccontextmanager
     async def operators_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[OPERATORS] = OperatorAuthenticator(
-            app[REPOSITORY], cache_s=settings.operator_key_cache_s
+        app[keys.OPERATORS] = OperatorAuthenticator(
+            app[keys.REPOSITORY], cache_s=settings.operator_key_cache_s
         )
         yield
 
     @asynccontextmanager
     async def commands_ctx(app: web.Application) -> AsyncIterator[None]:
         signals = CommandSignals()
-        app[SIGNALS] = signals
-        app[POLLER] = CommandPoller(
-            app[REPOSITORY], signals, deliveries=CommandDeliveries(app[METRICS].command_delivery)
+        app[keys.SIGNALS] = signals
+        app[keys.POLLER] = CommandPoller(
+            app[keys.REPOSITORY],
+            signals,
+            deliveries=CommandDeliveries(app[keys.METRICS].command_delivery),
         )
         yield
 
     @asynccontextmanager
     async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[WATCH] = watch = RevocationWatch(app[METRICS].revocation_delay)
-        async with deps.follower(settings, app[SIGNALS], watch):
+        app[keys.WATCH] = watch = RevocationWatch(app[keys.METRICS].revocation_delay)
+        async with deps.follower(settings, app[keys.SIGNALS], watch):
             yield
             # Waiting polls were already answered by end_polls (on_shutdown).
             log.info("stopping the LISTEN connection")
@@ -165,7 +150,7 @@ def create_app(
         # on_shutdown runs after the listening socket closed and before aiohttp
         # waits (up to shutdown_timeout_s) for in-flight requests: waiting polls
         # answer now instead of being cut off.
-        signals = app.get(SIGNALS)
+        signals = app.get(keys.SIGNALS)
         if signals is not None:
             log.info("ended %d waiting poll(s) for shutdown", signals.close())
 

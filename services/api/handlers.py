@@ -50,7 +50,7 @@ from services.shared.edge_auth import (
 )
 from services.shared.events import EventId
 from services.shared.identity import AgentIdentity
-from services.shared.params import path_id, query_int
+from services.shared.params import limit_param, path_id
 from services.shared.problems import (
     CertificateRevoked,
     FieldError,
@@ -249,13 +249,7 @@ async def get_environments(request: web.Request) -> web.Response:
 async def get_audit(request: web.Request) -> web.Response:
     """``GET /v1/operator/customers/{c}/audit?limit=``: latest applied changes, newest first."""
     _, customer_id = await _operator_customer(request)
-    limit = query_int(
-        request.query.getall("limit", []),
-        "limit",
-        minimum=1,
-        maximum=AUDIT_LIMIT_MAX,
-        default=AUDIT_LIMIT_DEFAULT,
-    )
+    limit = limit_param(request.query, maximum=AUDIT_LIMIT_MAX, default=AUDIT_LIMIT_DEFAULT)
     with database_errors(request, "audit lookup"):
         rows = await request.app[REPOSITORY].audit(customer_id, limit=limit)
     entries = [AuditEntry.model_validate(r, from_attributes=True) for r in rows]

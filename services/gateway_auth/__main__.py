@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -11,37 +10,29 @@ from services.gateway_auth.settings import GatewayAuthSettings
 from services.shared import readiness
 from services.shared.web import run
 
-log = logging.getLogger("services.gateway_auth")
-
-DESCRIPTION = (
-    "Fleetplane gateway_auth behind the nginx edge: agent enrollment and renewal, "
-    "operator enrollment tokens and revocations, the edge's per-request certificate "
-    "check. Configured by FLEETPLANE_GATEWAY_AUTH_* (host, port, tls_cert, tls_key, "
-    "edge_ca, edge_client_cn, issuing_ca_cert, issuing_ca_key, agent_validity_s, "
-    "token_ttl_s, token_ttl_max_s, trust_reload_s, startup_timeout_s), FLEETPLANE_PKI_DIR, "
-    "FLEETPLANE_DATABASE_* and FLEETPLANE_KAFKA_BOOTSTRAP (the identity journal)."
-)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return run.parse_args("python -m services.gateway_auth", DESCRIPTION, argv)
-
-
-def dependencies(settings: GatewayAuthSettings) -> list[readiness.Dependency]:
-    """PostgreSQL (identity tables), then Kafka (the identity journal)."""
-    return [
-        readiness.postgres(settings.database.libpq_dsn, run.database_where(settings)),
-        readiness.kafka(settings.kafka.kafka_bootstrap),
-    ]
-
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the service; returns the process exit code (0 after a graceful stop)."""
+    args = run.parse_args(
+        "python -m services.gateway_auth",
+        "Fleetplane gateway_auth behind the nginx edge: agent enrollment and renewal, "
+        "operator enrollment tokens and revocations, the edge's per-request certificate "
+        "check. Configured by FLEETPLANE_GATEWAY_AUTH_* (host, port, tls_cert, tls_key, "
+        "edge_ca, edge_client_cn, issuing_ca_cert, issuing_ca_key, agent_validity_s, "
+        "token_ttl_s, token_ttl_max_s, trust_reload_s, startup_timeout_s), "
+        "FLEETPLANE_PKI_DIR, FLEETPLANE_DATABASE_* and FLEETPLANE_KAFKA_BOOTSTRAP.",
+        argv,
+    )
+    # PostgreSQL holds the identity tables; Kafka the identity journal.
     return run.run_service(
-        parse_args(argv),
-        logger=log,
+        args,
+        logger=logging.getLogger("services.gateway_auth"),
         load=GatewayAuthSettings.load,
         create_app=create_app,
-        dependencies=dependencies,
+        dependencies=lambda settings: [
+            readiness.postgres(settings.database.libpq_dsn, run.database_where(settings)),
+            readiness.kafka(settings.kafka.kafka_bootstrap),
+        ],
         timeout_setting="FLEETPLANE_GATEWAY_AUTH_STARTUP_TIMEOUT_S",
         other_files=lambda settings: (settings.issuing_ca_cert, settings.issuing_ca_key),
     )

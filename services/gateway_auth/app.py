@@ -31,7 +31,7 @@ from services.gateway_auth.store import IdentityStore
 from services.shared.channels import IDENTITY_CHANNEL
 from services.shared.db import create_engine
 from services.shared.identity_journal import IdentityJournal
-from services.shared.notify import Channel, PsycopgNotifyConnection, psycopg_follower
+from services.shared.notify import psycopg_follower, reloading
 from services.shared.web.middlewares import http_middlewares
 
 log = logging.getLogger(__name__)
@@ -76,18 +76,9 @@ def create_app(settings: GatewayAuthSettings) -> web.Application:
 
     @asynccontextmanager
     async def follower_ctx(app: web.Application) -> AsyncIterator[None]:
-        async def reload_trust(connection: PsycopgNotifyConnection) -> None:
-            await trust.reload(connection.connection)
-
         follower = psycopg_follower(
             settings.database.libpq_dsn,
-            [
-                Channel(
-                    IDENTITY_CHANNEL,
-                    reload=reload_trust,
-                    reload_interval_s=settings.trust_reload_s,
-                )
-            ],
+            [reloading(IDENTITY_CHANNEL, trust.reload, settings.trust_reload_s)],
             name="fleetplane-gateway-auth-listen",
         )
         async with follower.running():

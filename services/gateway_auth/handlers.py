@@ -33,7 +33,7 @@ from services.shared.edge_auth import (
 )
 from services.shared.identity_journal import JournalUnavailable
 from services.shared.operator_keys import secret_matches
-from services.shared.params import path_id, query_int
+from services.shared.params import limit_param, path_id
 from services.shared.problems import (
     FieldError,
     Forbidden,
@@ -171,13 +171,7 @@ async def revoke(request: web.Request) -> web.Response:
 
 async def audit(request: web.Request) -> web.Response:
     _, customer_id = await _operator(request)
-    limit = query_int(
-        request.query.getall("limit", []),
-        "limit",
-        minimum=1,
-        maximum=AUDIT_LIMIT_MAX,
-        default=AUDIT_LIMIT_DEFAULT,
-    )
+    limit = limit_param(request.query, maximum=AUDIT_LIMIT_MAX, default=AUDIT_LIMIT_DEFAULT)
     with _database(request):
         rows = await request.app[STORE].audit(customer_id, limit=limit)
     return _json(AuditList(entries=[AuditItem.model_validate(row) for row in rows]))

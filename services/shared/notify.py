@@ -282,6 +282,19 @@ async def _close_quietly(connection: NotifyConnection) -> None:
         log.debug("closing the LISTEN connection failed: %s", e)
 
 
+def reloading(
+    name: str,
+    reload: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]],
+    interval_s: float,
+) -> Channel[PsycopgNotifyConnection]:
+    """A channel whose notifications reload state through the LISTEN connection itself."""
+
+    async def through(connection: PsycopgNotifyConnection) -> None:
+        await reload(connection.connection)
+
+    return Channel(name, reload=through, reload_interval_s=interval_s)
+
+
 def psycopg_follower(
     dsn: str, channels: Sequence[Channel[PsycopgNotifyConnection]], *, name: str
 ) -> NotifyFollower[PsycopgNotifyConnection]:
