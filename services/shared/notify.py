@@ -172,8 +172,10 @@ class NotifyFollower(Generic[Conn]):
             self.connections += 1
             self.listening.set()
             self.loaded.set()
-            woken = [c.on_listen() for c in self._channels.values() if c.on_listen is not None]
-            log.info("%s: listening on %s (%s)", self._name, self._names, woken)
+            for channel in self._channels.values():
+                if channel.on_listen is not None:
+                    channel.on_listen()
+            log.info("%s: listening on %s", self._name, self._names)
             try:
                 await self._follow(connection)
             # Whatever broke, the remedy is a new connection and a full reload; a bug
