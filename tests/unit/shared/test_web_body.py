@@ -45,6 +45,8 @@ def test_unknown_keys_and_missing_fields_are_named_where_they_are() -> None:
 
 
 def test_a_repeated_key_and_a_non_json_body_are_400() -> None:
+    # gateway_auth answered a body that is not JSON with 422 before; the edge's WAF
+    # refuses most such bodies first, so this is checked here, not through the edge.
     with pytest.raises(DuplicateKey):
         parse_json_model(b'{"items": [], "items": []}', Body, "request body")
     with pytest.raises(MalformedRequest) as refused:
