@@ -33,7 +33,7 @@ def dependencies(settings: ApiSettings) -> list[readiness.Dependency]:
     """Kafka with the events topic, then PostgreSQL."""
     return [
         readiness.kafka(settings.kafka.kafka_bootstrap, (settings.kafka.events_topic,)),
-        readiness.postgres(settings.database.libpq_dsn, run.database_where(settings)),
+        readiness.postgres(settings.database.libpq_dsn),
     ]
 
 

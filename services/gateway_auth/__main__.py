@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         load=GatewayAuthSettings.load,
         create_app=create_app,
         dependencies=lambda settings: [
-            readiness.postgres(settings.database.libpq_dsn, run.database_where(settings)),
+            readiness.postgres(settings.database.libpq_dsn),
             readiness.kafka(settings.kafka.kafka_bootstrap),
         ],
         timeout_setting="FLEETPLANE_GATEWAY_AUTH_STARTUP_TIMEOUT_S",

@@ -18,12 +18,15 @@ from typing import Final
 
 import psycopg
 from aiokafka.admin import AIOKafkaAdminClient
+from psycopg.conninfo import conninfo_to_dict
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
 logger = logging.getLogger(__name__)
 
 ATTEMPT_TIMEOUT_S: Final = 3.0
 RETRY_INTERVAL_S: Final = 1.0
+DEFAULT_SETTING: Final = "the service's FLEETPLANE_*_STARTUP_TIMEOUT_S"
+"""Named in the message when the caller does not name its own setting."""
 LOG_EVERY_ATTEMPTS: Final = 5
 """While waiting, one line per this many failed attempts (the first included)."""
 
@@ -42,7 +45,7 @@ class Dependency:
     """Returns when the dependency is usable; raises otherwise."""
 
 
-def postgres(dsn: str, where: str) -> Dependency:
+def postgres(dsn: str) -> Dependency:
     """PostgreSQL at ``dsn`` (libpq form), usable when it answers ``SELECT 1``."""
 
     async def probe() -> None:
@@ -50,7 +53,7 @@ def postgres(dsn: str, where: str) -> Dependency:
         async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=timeout) as conn:
             await conn.execute("SELECT 1")
 
-    return Dependency("PostgreSQL", where, probe)
+    return Dependency("PostgreSQL", dsn_where(dsn), probe)
 
 
 def kafka(bootstrap: str, topics: Sequence[str] = ()) -> Dependency:
@@ -87,14 +90,29 @@ async def wait_for(dependencies: Sequence[Dependency], timeout_s: float, *, sett
             await _wait(dependency, deadline, setting)
 
 
-async def wait_for_postgres(dsn: str, timeout_s: float, *, where: str = "the database") -> None:
+async def wait_for_postgres(dsn: str, timeout_s: float, *, setting: str = DEFAULT_SETTING) -> None:
     """Return once PostgreSQL accepts a connection; raise DependencyUnavailableError."""
-    await wait_for([postgres(dsn, where)], timeout_s, setting="the start-up timeout")
+    await wait_for([postgres(dsn)], timeout_s, setting=setting)
 
 
-async def wait_for_kafka(bootstrap: str, timeout_s: float, *, topics: tuple[str, ...] = ()) -> None:
+async def wait_for_kafka(
+    bootstrap: str,
+    timeout_s: float,
+    *,
+    topics: tuple[str, ...] = (),
+    setting: str = DEFAULT_SETTING,
+) -> None:
     """Return once Kafka answers and every name in ``topics`` exists."""
-    await wait_for([kafka(bootstrap, topics)], timeout_s, setting="the start-up timeout")
+    await wait_for([kafka(bootstrap, topics)], timeout_s, setting=setting)
+
+
+def dsn_where(dsn: str) -> str:
+    """host:port/database of a libpq connection string, for messages (no credentials)."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "the configured database"
+    return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
 
 
 async def _wait(dependency: Dependency, deadline: float, setting: str) -> None:

@@ -104,9 +104,3 @@ def run_service(
     )
     logger.info("stopped")
     return 0
-
-
-def database_where(settings: HttpServiceSettings) -> str:
-    """host:port/name of the service's database, for messages (no credentials)."""
-    database = settings.database
-    return f"{database.database_host}:{database.database_port}/{database.database_name}"

@@ -73,6 +73,12 @@ async def test_dependencies_share_one_deadline() -> None:
 
 async def test_postgres_probe_refused_by_a_closed_port() -> None:
     port = free_port()
-    dependency = readiness.postgres(f"host=127.0.0.1 port={port} dbname=x user=x", "here")
-    with pytest.raises(DependencyUnavailableError, match=r"^PostgreSQL at here .*last error: "):
+    dependency = readiness.postgres(f"host=127.0.0.1 port={port} dbname=x user=x")
+    expected = rf"^PostgreSQL at 127\.0\.0\.1:{port}/x is not usable .*last error: "
+    with pytest.raises(DependencyUnavailableError, match=expected):
         await wait_for([dependency], 0.5, setting="S")
+
+
+def test_a_dsn_is_named_without_its_password() -> None:
+    where = readiness.dsn_where("host=db port=6543 dbname=fleet user=u password=hunter2")
+    assert where == "db:6543/fleet"
