@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.tools import vegeta
+from bench.vegeta import vegeta
 from services.controller.handlers import Decoded, DecodedChange, Delivered, Poison, decode
 from services.controller.ownership import Claim, take_epoch
 from services.controller.store import BatchPart, apply_batch
