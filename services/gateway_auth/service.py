@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.gateway_auth.ca import CertificateAuthority
 from services.gateway_auth.csr import CsrRefused, check_csr
 from services.gateway_auth.names import NameCheck
-from services.gateway_auth.pki import CertificateAuthority
 from services.gateway_auth.problems import (
     CertificateRefused,
     EnrollmentTokenExpired,

@@ -15,10 +15,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from services.gateway_auth.pki import CertificateAuthority, issue_foreign_ca_agent
+from services.gateway_auth.ca import CertificateAuthority
 from services.shared.identity import AgentIdentity
 from tests.support.agents import AgentClient, agent_ssl_context
 from tests.support.deployment import Deployment
+from tests.support.foreign_ca import issue_foreign_ca_agent
 from tests.support.operators import OperatorClient
 from tests.support.waiting import eventually
 

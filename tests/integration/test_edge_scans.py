@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from bench.tools import EdgeProbe, gotestwaf, run_gotestwaf, run_sslyze
-from services.gateway_auth.pki import CertificateAuthority, write_agent_certificate
+from services.gateway_auth.ca import CertificateAuthority
+from services.gateway_auth.pki import write_agent_certificate
 from tests.support.stack import Stack
 
 # Regression floors below what docs/security-tests.md records (the share of
