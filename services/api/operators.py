@@ -1,6 +1,6 @@
 """Operators: verifying their API keys, their customer scope, and what they read.
 
-Plain asyncio, no aiohttp. ``auth.operator_credentials_from_request`` extracts
+Plain asyncio, no aiohttp. ``services.shared.edge_auth.operator_credentials_from_request`` extracts
 the presented key; ``OperatorAuthenticator`` checks it against the stored keys.
 
 Scope rule: a key whose ``customer_id`` is NULL may act on every customer;

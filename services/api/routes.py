@@ -2,7 +2,8 @@
 
 Agent routes take identity from the edge's agent listener only; operator routes
 (``/v1/operator/...``) need the edge's operator listener and an operator key
-(see auth.py). Health, metrics and the OpenAPI document need no identity.
+(``services.shared.edge_auth``, ``operators.py``). Health, metrics and the OpenAPI
+document need no identity.
 ``openapi.py`` documents every route here (a unit test keeps the two equal).
 """
 

@@ -80,7 +80,9 @@ class AuditRecord:
 
 
 class IdentityStore:
-    """All SQL of gateway_auth. Methods raise SQLAlchemy errors when the database is down."""
+    """All SQL of the running gateway_auth service (its CLIs, ``operator_keys`` and
+    ``issuers``, run their own). Methods raise SQLAlchemy errors when the database is down.
+    """
 
     def __init__(self, engine: AsyncEngine, journal: IdentityJournal | None = None) -> None:
         self.engine = engine
