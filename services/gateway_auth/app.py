@@ -27,7 +27,15 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from services.gateway_auth import handlers
-from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
+from services.gateway_auth.keys import (
+    METRICS,
+    OPERATORS,
+    REQUEST_ID,
+    SERVICE,
+    SETTINGS,
+    STORE,
+    TRUST,
+)
 from services.gateway_auth.service import GatewayMetrics, IdentityService, IssuingCa, TrustKeeper
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
@@ -35,6 +43,7 @@ from services.shared.db import create_engine
 from services.shared.identity_journal import IdentityJournal
 from services.shared.logs import current_request_id
 from services.shared.notify import StateFollower
+from services.shared.operator_auth import OperatorAuthenticator
 from services.shared.problems import (
     PROBLEM_CONTENT_TYPE,
     Problem,
@@ -117,7 +126,9 @@ def create_app(settings: GatewayAuthSettings) -> web.Application:
         engine = create_engine(settings.database, application_name="fleetplane-gateway-auth")
         journal = IdentityJournal(settings.kafka.kafka_bootstrap, settings.kafka.identity_topic)
         await journal.start()
-        app[STORE] = IdentityStore(engine, journal)
+        app[STORE] = store = IdentityStore(engine, journal)
+        # No cache: a revoked key stops at once here (the API caches for a second).
+        app[OPERATORS] = OperatorAuthenticator(store, cache_s=0)
         try:
             yield
         finally:

@@ -15,7 +15,15 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from services.gateway_auth import expiry
-from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
+from services.gateway_auth.keys import (
+    METRICS,
+    OPERATORS,
+    REQUEST_ID,
+    SERVICE,
+    SETTINGS,
+    STORE,
+    TRUST,
+)
 from services.gateway_auth.models import (
     AuditItem,
     AuditList,
@@ -37,13 +45,11 @@ from services.shared.edge_auth import (
 )
 from services.shared.identity_journal import JournalUnavailable
 from services.shared.jsonbody import refuse_duplicate_keys
-from services.shared.operator_keys import secret_matches
 from services.shared.params import path_id, query_int
 from services.shared.problems import (
     FieldError,
     Forbidden,
     NotFound,
-    OperatorUnauthenticated,
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthenticated,
@@ -128,14 +134,10 @@ async def _operator(request: web.Request) -> tuple[str, str]:
         request.headers.items(), _peer_cert(request), edge_cn=request.app[SETTINGS].edge_client_cn
     )
     with _database(request):
-        stored = await request.app[STORE].operator_key(credentials.key_id)
-    if stored is None or not secret_matches(credentials.secret, stored.secret_sha256):
-        raise OperatorUnauthenticated("the operator key is unknown, revoked or wrong")
+        key = await request.app[OPERATORS].authenticate(credentials)
     customer_id = path_id("customer_id", request.match_info["customer_id"])
-    if stored.customer_id is not None and stored.customer_id != customer_id:
-        # The same answer as for a customer that does not exist: nothing leaks.
-        raise NotFound("no such customer")
-    return f"operator:{stored.key_id}", customer_id
+    key.require_customer(customer_id)
+    return f"operator:{key.key_id}", customer_id
 
 
 async def create_token(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared.identity import AgentIdentity
 from services.shared.identity_journal import IdentityJournal, Kind
+from services.shared.operator_auth import StoredOperatorKey
 from services.shared.revocations import IDENTITY_CHANNEL
 from services.shared.schema import (
     agent_certificates,
@@ -50,13 +51,6 @@ class StoredToken:
     used_at: datetime | None
     now: datetime
     """The database's clock when the token was read (the one that decides expiry)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredOperatorKey:
-    key_id: str
-    customer_id: str | None
-    secret_sha256: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +94,7 @@ class IdentityStore:
         )
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
-        return None if row is None else StoredOperatorKey(row[0], row[1], bytes(row[2]))
+        return None if row is None else StoredOperatorKey(row[0], bytes(row[2]), row[1])
 
     async def create_token(
         self,

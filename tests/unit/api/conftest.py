@@ -29,13 +29,13 @@ from services.api.repository import (
     EnvironmentRow,
     EventStatus,
     PendingCommands,
-    StoredOperatorKey,
 )
 from services.api.service import KafkaHeaders
 from services.api.settings import ApiSettings
 from services.api.tls import server_ssl_context
 from services.shared.commands import Command
 from services.shared.identity import AgentIdentity
+from services.shared.operator_auth import StoredOperatorKey
 from services.shared.operator_keys import NewKey, new_key
 from services.shared.settings import DatabaseSettings, KafkaSettings
 

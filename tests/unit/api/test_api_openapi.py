@@ -21,8 +21,9 @@ from sqlalchemy.exc import OperationalError
 
 from services.api.app import create_app
 from services.api.openapi import OPERATIONS, OPERATIONS_BY_NAME, build_openapi, path_parameters
-from services.api.repository import AuditRow, EnvironmentRow, StoredOperatorKey
+from services.api.repository import AuditRow, EnvironmentRow
 from services.api.settings import ApiSettings
+from services.shared.operator_auth import StoredOperatorKey
 from services.shared.operator_keys import new_key
 
 from .conftest import (
