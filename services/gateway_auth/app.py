@@ -26,16 +26,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from services.gateway_auth import handlers
-from services.gateway_auth.keys import (
-    METRICS,
-    OPERATORS,
-    REQUEST_ID,
-    SERVICE,
-    SETTINGS,
-    STORE,
-    TRUST,
-)
+from services.gateway_auth import handlers, keys
 from services.gateway_auth.service import GatewayMetrics, IdentityService, IssuingCa, TrustKeeper
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
@@ -70,7 +61,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     """Request id, metrics, and every error as an RFC 9457 problem (5xx without internals)."""
     incoming = request.headers.get("X-Request-Id", "")
     request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
-    request[REQUEST_ID] = request_id
+    request[keys.REQUEST_ID] = request_id
     token = current_request_id.set(request_id)
     started = time.perf_counter()
     response: web.StreamResponse
@@ -104,10 +95,10 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     method = request.method if request.method in _KNOWN_METHODS else "other"
-    request.app[METRICS].requests.labels(
+    request.app[keys.METRICS].requests.labels(
         route=route, method=method, status=str(response.status)
     ).inc()
-    request.app[METRICS].request_duration.labels(route=route, method=method).observe(
+    request.app[keys.METRICS].request_duration.labels(route=route, method=method).observe(
         time.perf_counter() - started
     )
     response.headers["X-Request-Id"] = request_id
@@ -117,18 +108,18 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
 def create_app(settings: GatewayAuthSettings) -> web.Application:
     """The gateway_auth application; nothing connects until it starts."""
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
-    app[SETTINGS] = settings
-    app[METRICS] = metrics = GatewayMetrics.create()
-    app[TRUST] = trust = TrustKeeper(metrics)
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = metrics = GatewayMetrics.create()
+    app[keys.TRUST] = trust = TrustKeeper(metrics)
 
     @asynccontextmanager
     async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         engine = create_engine(settings.database, application_name="fleetplane-gateway-auth")
         journal = IdentityJournal(settings.kafka.kafka_bootstrap, settings.kafka.identity_topic)
         await journal.start()
-        app[STORE] = store = IdentityStore(engine, journal)
+        app[keys.STORE] = store = IdentityStore(engine, journal)
         # No cache: a revoked key stops at once here (the API caches for a second).
-        app[OPERATORS] = OperatorAuthenticator(store, cache_s=0)
+        app[keys.OPERATORS] = OperatorAuthenticator(store, cache_s=0)
         try:
             yield
         finally:
@@ -138,13 +129,13 @@ def create_app(settings: GatewayAuthSettings) -> web.Application:
     @asynccontextmanager
     async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         service = IdentityService(
-            store=app[STORE],
+            store=app[keys.STORE],
             issuing=IssuingCa(settings.issuing_ca_cert, settings.issuing_ca_key),
             trust=trust,
             metrics=metrics,
             agent_validity=timedelta(seconds=settings.agent_validity_s),
         )
-        app[SERVICE] = service
+        app[keys.SERVICE] = service
         await service.register_issuer()
         yield
 

@@ -77,19 +77,24 @@ def _validity(valid_for: timedelta, not_before: datetime | None) -> tuple[dateti
     return not_before, not_before + valid_for
 
 
+_UNUSED_KEY_USAGES: Final = dict.fromkeys(
+    (
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "encipher_only",
+        "decipher_only",
+    ),
+    False,
+)
+
+
 def _key_usage(*, ca: bool) -> x509.KeyUsage:
     # ECDHE suites only need a leaf's key to sign the handshake; a CA's also signs
     # certificates and revocation lists.
     return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
+        digital_signature=True, key_cert_sign=ca, crl_sign=ca, **_UNUSED_KEY_USAGES
     )
 
 

@@ -13,7 +13,6 @@ CA rotation, step by step (docs/threat-model.md, "Agent identity lifecycle"):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -21,7 +20,7 @@ from datetime import timedelta
 from sqlalchemy import func, select
 
 from services.shared.db import sync_transaction
-from services.shared.identity_journal import JournalUnavailable, append_once
+from services.shared.identity_journal import JournalUnavailable, append_from_tool
 from services.shared.revocations import IDENTITY_CHANNEL
 from services.shared.schema import issuing_cas
 from services.shared.settings import DatabaseSettings, KafkaSettings
@@ -42,13 +41,9 @@ def retire(dsn: str, subject_dn: str, after_s: float, kafka: KafkaSettings | Non
     )
     with sync_transaction(dsn) as conn:
         retire_at = conn.execute(statement).scalar_one_or_none()
-        if kafka is not None and retire_at is not None:
+        if retire_at is not None:
             entry = {"subject_dn": subject_dn, "retire_at": retire_at}
-            asyncio.run(
-                append_once(
-                    kafka.kafka_bootstrap, kafka.identity_topic, "issuer_retired", subject_dn, entry
-                )
-            )
+            append_from_tool(kafka, "issuer_retired", subject_dn, entry)
         conn.execute(select(func.pg_notify(IDENTITY_CHANNEL, "issuer")))
         return retire_at is not None
 

@@ -7,14 +7,13 @@ The token is printed once; only a hash of its secret is kept.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 
 from sqlalchemy import func, select
 
 from services.shared.db import sync_transaction
-from services.shared.identity_journal import JournalUnavailable, append_once
+from services.shared.identity_journal import JournalUnavailable, append_from_tool
 from services.shared.operator_keys import new_key
 from services.shared.schema import operator_keys
 from services.shared.settings import DatabaseSettings, KafkaSettings
@@ -36,13 +35,7 @@ def create(dsn: str, name: str, customer_id: str | None, kafka: KafkaSettings | 
     statement = operator_keys.insert().values(row).returning(operator_keys.c.created_at)
     with sync_transaction(dsn) as conn:
         created_at = conn.execute(statement).scalar_one()
-        if kafka is not None:
-            entry = row | {"created_at": created_at}
-            asyncio.run(
-                append_once(
-                    kafka.kafka_bootstrap, kafka.identity_topic, "operator_key", key.key_id, entry
-                )
-            )
+        append_from_tool(kafka, "operator_key", key.key_id, row | {"created_at": created_at})
     return key.token
 
 
@@ -57,17 +50,9 @@ def revoke(dsn: str, key_id: str, kafka: KafkaSettings | None = None) -> bool:
     )
     with sync_transaction(dsn) as conn:
         revoked_at = conn.execute(statement).scalar_one_or_none()
-        if kafka is not None and revoked_at is not None:
+        if revoked_at is not None:
             entry = {"key_id": key_id, "revoked_at": revoked_at}
-            asyncio.run(
-                append_once(
-                    kafka.kafka_bootstrap,
-                    kafka.identity_topic,
-                    "operator_key_revoked",
-                    key_id,
-                    entry,
-                )
-            )
+            append_from_tool(kafka, "operator_key_revoked", key_id, entry)
         return revoked_at is not None
 
 

@@ -221,25 +221,15 @@ def init_pki(pki_dir: Path, *, offline_dir: Path | None = None, force: bool = Fa
     written: list[Path] = []
     _move_root_key_offline(pki_dir, offline, written)
 
-    root, new_root = _ensure_ca(
-        offline,
-        ROOT_CA,
-        lambda: CertificateAuthority.create_root(ROOT_CA_NAME, path_length=1),
-        parent=None,
-        renew=force,
-        written=written,
-    )
+    ensure_ca = partial(_ensure_ca, written=written)
+    make_root = partial(CertificateAuthority.create_root, ROOT_CA_NAME, path_length=1)
+    root, new_root = ensure_ca(offline, ROOT_CA, make_root, parent=None, renew=force)
     _write_if_changed(pki_dir / f"{ROOT_CA}.pem", root.certificate_pem, written)
-    issuing, new_issuing = _ensure_ca(
-        pki_dir,
-        ISSUING_CA,
-        lambda: root.create_intermediate(
-            ISSUING_CA_NAME, permitted_uri_hosts=[SPIFFE_TRUST_DOMAIN]
-        ),
-        parent=root,
-        renew=force or new_root,
-        written=written,
+    make_issuing = partial(
+        root.create_intermediate, ISSUING_CA_NAME, permitted_uri_hosts=[SPIFFE_TRUST_DOMAIN]
     )
+    renew = force or new_root
+    issuing, new_issuing = ensure_ca(pki_dir, ISSUING_CA, make_issuing, parent=root, renew=renew)
     if new_root:
         # Issuing CAs of the previous root cannot chain to the new one.
         for stale in (pki_dir / RETIRED_DIR_NAME).glob(f"{ISSUING_CA}-*.pem"):
@@ -256,13 +246,9 @@ def init_pki(pki_dir: Path, *, offline_dir: Path | None = None, force: bool = Fa
     # Agents trust only root-ca.pem, so the edge must send the issuing CA along.
     _write_if_changed(pki_dir / EDGE_SERVER_CHAIN, edge_server + issuing.certificate_pem, written)
 
-    internal, new_internal = _ensure_ca(
-        pki_dir,
-        INTERNAL_CA,
-        lambda: CertificateAuthority.create_root(INTERNAL_CA_NAME, path_length=0),
-        parent=None,
-        renew=force,
-        written=written,
+    make_internal = partial(CertificateAuthority.create_root, INTERNAL_CA_NAME, path_length=0)
+    internal, new_internal = ensure_ca(
+        pki_dir, INTERNAL_CA, make_internal, parent=None, renew=force
     )
     edge_client = partial(
         internal.issue,
@@ -306,20 +292,6 @@ def rotate_issuing_ca(
 def load_issuing_ca(pki_dir: Path) -> CertificateAuthority:
     """The CA that signs agent certificates; load it once to issue many."""
     return CertificateAuthority.load(pki_dir / f"{ISSUING_CA}.pem")
-
-
-def issue_agent_certificate(
-    pki_dir: Path,
-    customer_id: str,
-    environment_id: str,
-    agent_id: str,
-    *,
-    valid_for: timedelta = AGENT_VALIDITY,
-) -> tuple[bytes, bytes]:
-    """(certificate PEM, private key PEM) for one agent; raises ValueError for a bad id."""
-    return load_issuing_ca(pki_dir).issue_agent(
-        customer_id, environment_id, agent_id, valid_for=valid_for
-    )
 
 
 def write_agent_certificate(
