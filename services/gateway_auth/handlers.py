@@ -36,6 +36,7 @@ from services.gateway_auth.models import (
     TokenRequest,
 )
 from services.gateway_auth.service import IssuedAgentCertificate
+from services.gateway_auth.store import NewToken
 from services.shared.db import pool_use
 from services.shared.edge_auth import (
     PeerCert,
@@ -150,14 +151,10 @@ async def create_token(request: web.Request) -> web.Response:
             "ttl_s is too long",
             errors=(FieldError("ttl_s", f"must be at most {settings.token_ttl_max_s}"),),
         )
+    new = NewToken((customer_id, body.environment_id, body.agent_id), ttl_s, actor)
     with _database(request):
         token, token_id, expires_at = await request.app[SERVICE].create_token(
-            customer_id=customer_id,
-            environment_id=body.environment_id,
-            agent_id=body.agent_id,
-            ttl_s=ttl_s,
-            created_by=actor,
-            request_id=request[REQUEST_ID],
+            new, request_id=request[REQUEST_ID]
         )
     return _json(
         TokenCreated(

@@ -54,6 +54,16 @@ class StoredToken:
 
 
 @dataclass(frozen=True, slots=True)
+class NewToken:
+    """What an operator asked an enrollment token for."""
+
+    scope: tuple[str, str, str | None]
+    """(customer, environment, agent or None: any agent id)."""
+    ttl_s: int
+    created_by: str
+
+
+@dataclass(frozen=True, slots=True)
 class CertificateRecord:
     serial: str
     identity: AgentIdentity
@@ -97,18 +107,10 @@ class IdentityStore:
         return None if row is None else StoredOperatorKey(row[0], bytes(row[2]), row[1])
 
     async def create_token(
-        self,
-        *,
-        token: str,
-        token_id: str,
-        customer_id: str,
-        environment_id: str,
-        agent_id: str | None,
-        ttl_s: int,
-        created_by: str,
-        request_id: str | None,
+        self, token: str, token_id: str, new: NewToken, *, request_id: str | None
     ) -> datetime:
         """Store a token's hash and audit it; returns its expiry."""
+        customer_id, environment_id, agent_id = new.scope
         statement = (
             insert(enrollment_tokens)
             .values(
@@ -117,17 +119,16 @@ class IdentityStore:
                 customer_id=customer_id,
                 environment_id=environment_id,
                 agent_id=agent_id,
-                created_by=created_by,
+                created_by=new.created_by,
                 # The database's clock decides expiry (find_token reads it too).
-                expires_at=func.now() + timedelta(seconds=ttl_s),
+                expires_at=func.now() + timedelta(seconds=new.ttl_s),
             )
             .returning(enrollment_tokens.c.expires_at)
         )
         async with self.engine.begin() as conn:
             expires_at: datetime = (await conn.execute(statement)).scalar_one()
             detail = {"token_id": token_id, "expires_at": expires_at.isoformat()}
-            scope = (customer_id, environment_id, agent_id)
-            created = AuditRecord(scope, "token_created", created_by, None, detail)
+            created = AuditRecord(new.scope, "token_created", new.created_by, None, detail)
             await _audit(conn, created, request_id)
         return expires_at
 
