@@ -62,7 +62,6 @@ ALLOWED: Final[dict[str, dict[str, str]]] = {
         "await asyncio.sleep(0.1)": RETRY,
         "await asyncio.sleep(1.5)  # the poll is waiting in the API": TODO,
     },
-    "tests/integration/test_bad_input.py": {"await asyncio.sleep(0)": YIELD},
     "tests/integration/test_commands.py": {
         "await asyncio.sleep(1.0)": TODO + " (the poll is waiting in the API)",
         "await asyncio.sleep(1)": NOTHING + " (no further command appears)",
