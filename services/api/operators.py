@@ -14,7 +14,7 @@ from typing import Final
 from services.api.models import EnvironmentView, Liveness
 from services.api.repository import EnvironmentRow
 
-# Named here too for the API modules that take them from this one.
+# Named here too for api/handlers.py and api/app.py, which import them from this module.
 from services.shared.operator_auth import OperatorAuthenticator as OperatorAuthenticator
 from services.shared.operator_auth import OperatorKey as OperatorKey
 
