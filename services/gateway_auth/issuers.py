@@ -19,9 +19,9 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
+from services.shared.channels import IDENTITY_CHANNEL
 from services.shared.db import sync_transaction
 from services.shared.identity_journal import JournalUnavailable, append_from_tool
-from services.shared.revocations import IDENTITY_CHANNEL
 from services.shared.schema import issuing_cas
 from services.shared.settings import DatabaseSettings, KafkaSettings
 

@@ -22,10 +22,10 @@ from sqlalchemy import exists, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.shared.channels import IDENTITY_CHANNEL
 from services.shared.identity import AgentIdentity
 from services.shared.identity_journal import IdentityJournal, Kind
 from services.shared.operator_auth import StoredOperatorKey
-from services.shared.revocations import IDENTITY_CHANNEL
 from services.shared.schema import (
     agent_certificates,
     enrollment_tokens,

@@ -26,11 +26,9 @@ import psycopg
 from sqlalchemy import Select, exists, or_, select
 from sqlalchemy.dialects.postgresql.base import PGDialect
 
+from services.shared.channels import IDENTITY_CHANNEL as IDENTITY_CHANNEL
 from services.shared.identity import AgentIdentity
 from services.shared.schema import agent_certificates, issuing_cas, revocations
-
-IDENTITY_CHANNEL: Final = "fleetplane_identity"
-"""NOTIFY channel: a revocation was recorded or the set of issuing CAs changed."""
 
 REVOKED: Final = "the client certificate was revoked"
 UNKNOWN_ISSUER: Final = "the client certificate's issuing CA is not trusted"

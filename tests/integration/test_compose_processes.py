@@ -20,8 +20,8 @@ from typing import Any, Final
 import pytest
 
 from services.api.settings import ApiSettings
-from services.api.tls import server_ssl_context
 from services.gateway_auth.pki import init_pki
+from services.shared.web.tls import server_ssl_context
 from tests.support.compose import REPO_ROOT, Invocation, our_services, parsed_invocations
 
 RENDER_EDGE: Final = REPO_ROOT / "infra" / "compose" / "render_edge.py"
@@ -106,7 +106,9 @@ def api_like_server(pki: Path) -> Iterator[int]:
         edge_ca=pki / "internal-ca.pem",
     )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.socket = server_ssl_context(settings).wrap_socket(server.socket, server_side=True)
+    server.socket = server_ssl_context(
+        settings.tls_cert, settings.tls_key, settings.edge_ca
+    ).wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

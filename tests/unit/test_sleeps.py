@@ -27,9 +27,6 @@ TODO: Final = "NOT YET SWEPT: stands in for a condition; replace with until/even
 
 # path -> {the call's line, stripped: why}
 ALLOWED: Final[dict[str, dict[str, str]]] = {
-    "services/api/startup.py": {
-        "await asyncio.sleep(min(RETRY_INTERVAL_S, remaining))": RETRY,
-    },
     "services/controller/__main__.py": {
         "await asyncio.sleep(args.watch)": "--watch refreshes the status every N seconds",
     },
@@ -88,6 +85,7 @@ ALLOWED: Final[dict[str, dict[str, str]]] = {
         "await asyncio.sleep(self.pause_s)": PACING,
         "await asyncio.sleep(0.2 if status == 503 else 1.0)": RETRY + " (back-pressure)",
     },
+    "tests/support/edge_probe.py": {"time.sleep(0.1)": RETRY},
     "tests/support/processes.py": {"time.sleep(0.25)": RETRY},
     "tests/support/waiting.py": {
         "await asyncio.sleep(interval_s)": RETRY,
@@ -95,7 +93,10 @@ ALLOWED: Final[dict[str, dict[str, str]]] = {
     },
     "tests/unit/api/conftest.py": {"await asyncio.sleep(0.005)": RETRY},
     "tests/unit/api/test_api_commands_app.py": {"await asyncio.sleep(0.1)": NOTHING},
-    "tests/unit/api/test_api_notify_listener.py": {"await asyncio.sleep(0.05)": NOTHING},
+    "tests/unit/shared/test_notify.py": {
+        "await asyncio.sleep(0.005)": RETRY,
+        "await asyncio.sleep(0.05)": NOTHING,
+    },
     "tests/unit/simulator/fakes.py": {"await asyncio.sleep(0)": FAKE},
     "tests/unit/simulator/test_simulator_agent.py": {"await asyncio.sleep(0.2)": NOTHING},
     "tests/unit/simulator/test_simulator_retry.py": {"await asyncio.sleep(3600)": FAKE},
