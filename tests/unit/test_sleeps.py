@@ -91,10 +91,8 @@ ALLOWED: Final[dict[str, dict[str, str]]] = {
         "await asyncio.sleep(interval_s)": RETRY,
         "await asyncio.sleep(0.001)": RETRY,
     },
-    "tests/unit/api/conftest.py": {"await asyncio.sleep(0.005)": RETRY},
     "tests/unit/api/test_api_commands_app.py": {"await asyncio.sleep(0.1)": NOTHING},
     "tests/unit/shared/test_notify.py": {
-        "await asyncio.sleep(0.005)": RETRY,
         "await asyncio.sleep(0.05)": NOTHING,
     },
     "tests/unit/simulator/fakes.py": {"await asyncio.sleep(0)": FAKE},

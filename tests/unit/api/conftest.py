@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,12 +361,3 @@ async def problem(response: aiohttp.ClientResponse, status: int) -> dict[str, An
     assert body["detail"]
     assert body["request_id"] == response.headers["X-Request-Id"]
     return body
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    """Return once ``condition()`` holds; fail after ``timeout_s``."""
-    for _ in range(int(timeout_s / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not met in time")
