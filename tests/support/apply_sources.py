@@ -13,7 +13,6 @@ from both sources, so a test's expectations do not depend on fetch sizes.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Protocol
 
@@ -154,7 +153,6 @@ class KafkaReader:
                 if records and records[-1].offset >= ends[tp]:
                     # Past the end taken at the call: left for the next fetch.
                     self._consumer.seek(tp, ends[tp])
-            await asyncio.sleep(0)
         return [d for partition in sorted(by_partition) for d in by_partition[partition]]
 
     async def close(self) -> None:
