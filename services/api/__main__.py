@@ -8,6 +8,7 @@ import logging
 import ssl
 import sys
 
+import uvloop
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the service; returns the process exit code (0 after a graceful stop)."""
     args = parse_args(argv)
     configure_logging(args.log_level.upper())
+    # uvloop's event loop for asyncio.run and run_app alike: the accept path is
+    # mostly socket and TLS work, which it does in C.
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
         settings = ApiSettings.load()
     except ValidationError as e:
@@ -87,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         ssl_context=ssl_context,
         shutdown_timeout=settings.shutdown_timeout_s,
         handle_signals=True,
+        # nginx logs every request already; a line per request here would cost
+        # the hot path a log record and a formatted line.
+        access_log=None,
         print=None,
     )
     log.info("stopped")
