@@ -37,12 +37,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from bench.edge import batch20_body, single_body
 from bench.tools import GOBIN, EdgeProbe, cpu_seconds, lib_settings
@@ -94,6 +95,21 @@ def fleet_customers(count: int, partitions: int) -> list[str]:
         by_partition[partitioner(customer.encode(), every, every)].append(customer)
         candidate += 1
     return [by_partition[i % partitions][i // partitions] for i in range(count)]
+
+
+@retry(
+    retry=retry_if_exception_type(RuntimeError),
+    stop=stop_after_delay(120),
+    wait=wait_fixed(5),
+    reraise=True,
+)
+def start_probe(stack: Stack) -> EdgeProbe:
+    """The no-op edge, started; retried while its ports are taken.
+
+    The stack's ports lie in the kernel's ephemeral range, so another process's
+    outgoing connection (or its TIME-WAIT) can hold one for up to a minute.
+    """
+    return EdgeProbe(stack.run_dir / "bench-accept-edge", stack.pki_dir).start()
 
 
 def children(pid: int) -> list[int]:
@@ -161,6 +177,7 @@ def _summary(runs: list[dict[str, Any]], rate: str) -> dict[str, Any]:
         f"{rate}_runs": [round(r[rate], 1) for r in runs],
         "p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 2),
         "p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 2),
+        "not_accepted": sum(r["requests"] - r["accepted_requests"] for r in runs),
         "cpu": {
             name: round(statistics.median(r["cpu"][name] for r in runs), 2)
             for name in runs[0]["cpu"]
@@ -181,10 +198,9 @@ def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
         edge_workers = children(pid_file(stack, "nginx"))
         kafka = [pid_file(stack, "kafka")]
         apis = {f"api_{port}": [process.pid] for port, process in deployment.apis.items()}
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            EdgeProbe(stack.run_dir / "bench-accept-edge", stack.pki_dir) as probe,
-        ):
+        with tempfile.TemporaryDirectory() as tmp, ExitStack() as cleanup:
+            probe = start_probe(stack)
+            cleanup.callback(probe.stop)
             work = Path(tmp)
             ca = load_issuing_ca(stack.pki_dir)
             agents = [
@@ -218,9 +234,10 @@ def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
                     # The load generator measures its own CPU over the timed part.
                     cpu["loadgen"] = round(result["cpu_s"] / result["elapsed_s"], 3)
                     result["cpu"] = cpu
-                    bad = {k: v for k, v in result["status_codes"].items() if k != "202"}
-                    if bad or result["errors"]:
-                        raise RuntimeError(f"accept {name}: {bad} {result['errors']}")
+                    refused = {k: v for k, v in result["status_codes"].items() if k != "202"}
+                    if refused or result["errors"]:
+                        # Kept in the figures: a refusal is part of what was measured.
+                        print(f"    not accepted: {refused} {result['errors']}", flush=True)
                     runs[name].append(result)
         accepted = sum(
             r["accepted_events"] + r["warmup_events"] for r in runs["single"] + runs["batch20"]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from services.api.service import KafkaHeaders
 from services.api.settings import ApiSettings
@@ -22,21 +24,25 @@ MAX_BATCH_BYTES: Final = 1_000_000
 
 
 class KafkaRecordProducer:
-    """RecordProducer over an AIOKafkaProducer: one batch of its own per request.
+    """RecordProducer over a few AIOKafkaProducers: one batch of its own per request.
 
     Each request's records are queued as their own batch (``create_batch`` /
     ``send_batch``), so a batch that fails or that its request stopped waiting for
-    touches no other request's records. The producer is not idempotent: an
+    touches no other request's records. The producers are not idempotent: an
     idempotent aiokafka producer retries a batch forever, so a batch answered 503
-    could still reach the topic long after the agent's retry, whereas this one
-    gives a batch up once it is older than the producer's request timeout (set
-    to half the API's produce timeout, so the library has given up a queued batch
-    before the agent hears 503). What an internal retry may duplicate, the
-    controller deduplicates by event id, as it does the agents' own retries.
+    could still reach the topic long after the agent's retry, whereas these fail
+    a batch that is older than their request timeout (half the API's produce
+    timeout) at its next error, or at once while its partition has no leader,
+    instead of retrying it. What an internal retry may duplicate, the controller
+    deduplicates by event id, as it does the agents' own retries.
     """
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self._producer = producer
+    def __init__(self, producers: Sequence[AIOKafkaProducer]) -> None:
+        self._producers = list(producers)
+        # Taken in turn. Requests that must stay in order are not concurrent: an
+        # agent sends its next batch after the 202 of the one before, so that one
+        # is on the topic already, whichever producer carries the next.
+        self._turn = itertools.cycle(self._producers)
         # The same choice as aiokafka's send() for a keyed record: murmur2 of the
         # key over the topic's partitions, so a customer's records share one.
         self._partitioner = DefaultPartitioner()
@@ -44,37 +50,35 @@ class KafkaRecordProducer:
     async def send_batch(
         self, topic: str, *, key: bytes, values: Sequence[bytes], headers: KafkaHeaders
     ) -> list[asyncio.Future[Any]]:
-        partitions = sorted(await self._producer.partitions_for(topic))
+        producer = next(self._turn)
+        partitions = sorted(await producer.partitions_for(topic))
         partition = self._partitioner(key, partitions, partitions)
         futures: list[asyncio.Future[Any]] = []
-        batch = self._producer.create_batch()
+        batch = producer.create_batch()
         for value in values:
             if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                futures.append(await self._submit(batch, topic, partition))
-                batch = self._producer.create_batch()
+                futures.append(await _submit(producer, batch, topic, partition))
+                batch = producer.create_batch()
                 # A fresh batch takes its first record whatever its size.
                 batch.append(key=key, value=value, timestamp=None, headers=headers)
-        futures.append(await self._submit(batch, topic, partition))
+        futures.append(await _submit(producer, batch, topic, partition))
         return futures
-
-    async def _submit(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
-        # Closed, so that nothing else is added to it before it is sent.
-        batch.close()
-        future: asyncio.Future[Any] = await self._producer.send_batch(
-            batch, topic, partition=partition
-        )
-        return future
 
     async def check(self, topic: str, timeout_s: float) -> None:
         # A fresh metadata request: the producer's cached metadata would say
         # nothing about whether a broker answers now.
-        metadata = await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout_s)
+        metadata = await asyncio.wait_for(self._producers[0].client.fetch_all_metadata(), timeout_s)
         if topic not in metadata.topics():
             raise KafkaError(f"topic {topic!r} does not exist")
 
-    async def stop(self) -> None:
-        """Flush what is queued and stop."""
-        await self._producer.stop()
+
+async def _submit(
+    producer: AIOKafkaProducer, batch: BatchBuilder, topic: str, partition: int
+) -> asyncio.Future[Any]:
+    # Closed, so that nothing else is added to it before it is sent.
+    batch.close()
+    future: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+    return future
 
 
 def new_producer(settings: ApiSettings) -> AIOKafkaProducer:
@@ -103,15 +107,17 @@ def new_producer(settings: ApiSettings) -> AIOKafkaProducer:
 
 @asynccontextmanager
 async def kafka_producer(settings: ApiSettings) -> AsyncIterator[KafkaRecordProducer]:
-    """Start a producer (raises KafkaError if no broker answers); flush and stop it on exit."""
-    producer = new_producer(settings)
-    try:
-        await producer.start()
-    except BaseException:
-        await producer.stop()
-        raise
-    records = KafkaRecordProducer(producer)
-    try:
-        yield records
-    finally:
-        await records.stop()
+    """Start the producers (raises KafkaError if no broker answers); flush and stop them on exit.
+
+    Each producer's stop() flushes what it has queued.
+    """
+    async with AsyncExitStack() as stack:
+        producers = []
+        for _ in range(settings.producers):
+            producer = new_producer(settings)
+            # Stopped on exit whether or not it started (stop() after a failed start
+            # releases its connections).
+            stack.push_async_callback(producer.stop)
+            await producer.start()
+            producers.append(producer)
+        yield KafkaRecordProducer(producers)
