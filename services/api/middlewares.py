@@ -70,11 +70,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         method = request.method if request.method in _KNOWN_METHODS else "other"
-        metrics = request.app[METRICS]
-        metrics.requests.labels(route=route, method=method, status=status).inc()
-        metrics.request_duration.labels(route=route, method=method).observe(
-            time.perf_counter() - started
-        )
+        request.app[METRICS].observe_answer(route, method, status, time.perf_counter() - started)
 
 
 @web.middleware
