@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from services.shared.events import AgentEventRecord, decode_topic_record
 from tests.support.agents import AgentClient
@@ -69,7 +70,7 @@ async def topic_max_bytes(deployment: Deployment, value: str) -> None:
 
         async def current() -> str:
             responses = await admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, topic, ["max.message.bytes"])]
+                [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})]
             )
             # Each resource: (error code, message, type, name, entries); each entry
             # starts with (name, value).
