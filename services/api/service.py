@@ -312,6 +312,10 @@ class EventService:
     retry_after_s: int
     metrics: ApiMetrics
     clock: Callable[[], datetime] = field(default=_utc_now)
+    # Read once when the service is built (at app start, after any provider was
+    # installed): get_tracer_provider() per request costs more than the rest of
+    # the no-tracing path.
+    tracing: bool = field(default_factory=lambda: tracing_configured())
 
     async def accept(
         self,
@@ -405,7 +409,7 @@ class EventService:
         Kafka did not acknowledge within produce_timeout_s; only this request's
         records are given up (see ``accept``).
         """
-        if not tracing_configured():
+        if not self.tracing:
             await self._produce(key, values, passed_through(trace_carrier), retry_hint=retry_hint)
             return
         tracer = trace.get_tracer(__name__)

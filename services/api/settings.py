@@ -54,11 +54,13 @@ class ApiSettings(BaseSettings):
     """How often the producer refreshes topic metadata, so the longest it keeps
     producing with an old partition count after partitions were added; the
     drain-then-add procedure keeps intake paused this long (docs/runbooks/partitions.md)."""
-    producers: int = Field(default=4, ge=1, le=32)
+    producers: int = Field(default=2, ge=1, le=32)
     """Kafka producers per API process. A producer has one produce request in flight
     to a broker at a time, carrying at most one batch per partition, and each
     request's records are a batch of their own: several producers let concurrent
-    requests to one partition travel in parallel instead of one per round trip."""
+    requests to one partition travel in parallel instead of one per round trip.
+    Each adds produce requests, which cost the API and the broker CPU: two was the
+    better of 1, 2 and 4 in the accept benchmark (docs/performance.md)."""
     retry_after_s: int = Field(default=2, ge=1, le=3600)
     """``Retry-After`` sent with 503 answers."""
     startup_timeout_s: float = Field(default=60.0, gt=0)
