@@ -37,9 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "polls and operators' reads from PostgreSQL; GET /openapi.json describes it. "
             "Configured by FLEETPLANE_API_* (host, port, tls_cert, tls_key, edge_ca, "
             "edge_client_cn, produce_timeout_s, producer_metadata_max_age_s, producers, "
-            "retry_after_s, startup_timeout_s, shutdown_timeout_s, max_body_bytes, liveness_connected_s, "
-            "liveness_lost_s, operator_key_cache_s), FLEETPLANE_PKI_DIR, FLEETPLANE_DATABASE_* and "
-            "FLEETPLANE_KAFKA_BOOTSTRAP / FLEETPLANE_EVENTS_TOPIC."
+            "retry_after_s, startup_timeout_s, shutdown_timeout_s, max_body_bytes, "
+            "liveness_connected_s, liveness_lost_s, operator_key_cache_s), FLEETPLANE_PKI_DIR, "
+            "FLEETPLANE_DATABASE_* and FLEETPLANE_KAFKA_BOOTSTRAP / FLEETPLANE_EVENTS_TOPIC."
         ),
     )
     parser.add_argument("--port", type=_port, help="listen on this port (overrides settings)")
