@@ -434,16 +434,21 @@ class EventService:
             futures = await self.producer.send_batch(
                 self.topic, key=key, values=values, headers=headers
             )
-            # Raises the first failure; on the deadline, wait_for cancels only this
-            # wait, not the batches (their futures are aiokafka's shielded ones).
-            await asyncio.gather(*futures)
+            # Raises the first failure; on the deadline, only this wait is cancelled,
+            # not the batches (their futures are aiokafka's shielded ones).
+            if len(futures) == 1:
+                await futures[0]
+            else:
+                await asyncio.gather(*futures)
 
         started = time.perf_counter()
         try:
             # send_batch() itself waits for topic metadata (up to the producer's own
             # request timeout) when the broker is down, so the deadline must cover
-            # it too, not only the delivery futures.
-            await asyncio.wait_for(send_all(), self.produce_timeout_s)
+            # it too, not only the delivery futures. asyncio.timeout, unlike
+            # wait_for, runs the wait in this task rather than a new one.
+            async with asyncio.timeout(self.produce_timeout_s):
+                await send_all()
         except (TimeoutError, KafkaError) as e:
             self.metrics.kafka_unavailable.inc()
             log.warning(
