@@ -262,6 +262,7 @@ def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
         "batch20": _summary(runs["batch20"], "events_per_s"),
         "accepted": accepted,
         "kafka_records": sum(held.values()),
+        "accepted_equals_kafka_records": accepted == sum(held.values()),
         "kafka_records_per_partition": [held[p] for p in sorted(held)],
     }
     parameters = {
