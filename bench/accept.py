@@ -2,7 +2,7 @@
 
 One deployment (two API processes, a 12-partition events topic) behind the
 stack's edge, and beside it an extra edge from the same template proxying to a
-no-op upstream (bench.tools.EdgeProbe). The load generator is bench/loadgen, a
+no-op upstream (tests.support.edge_probe.EdgeProbe). The load generator is bench/loadgen, a
 Go program built here with the standard library only: AGENTS agents, each with
 its own certificate from the real issuing CA and its own kept-alive mutual TLS
 connection; each worker owns a share of the agents, so every agent's sequence
@@ -30,7 +30,6 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -45,10 +44,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from bench.edge import batch20_body, single_body
-from bench.tools import GOBIN, EdgeProbe, cpu_seconds, lib_settings
+from bench.edge import batch20_body, cpu_seconds, single_body
 from services.gateway_auth.pki import load_issuing_ca, write_agent_certificate
 from tests.support.deployment import Deployment
+from tests.support.edge_probe import EdgeProbe, lib_settings
+from tests.support.gotools import GOBIN, go_binary
 from tests.support.stack import FleetEnv, Stack, prepare_template
 
 AGENTS: Final = 200
@@ -67,7 +67,7 @@ def loadgen() -> Path:
         print("  building bench/loadgen (once)", flush=True)
         GOBIN.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [shutil.which("go") or "/usr/local/go/bin/go", "build", "-o", str(binary), "."],
+            [go_binary(), "build", "-o", str(binary), "."],
             cwd=LOADGEN_DIR,
             env={**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"},
             check=True,

@@ -27,24 +27,6 @@ class ApiMetrics:
     # events_accepted's child per event type, bound once: labels() per event
     # would look the child up again for each.
     accepted_by_type: dict[str, Counter] = field(default_factory=dict)
-    # requests' and request_duration's children by (route, method, status), bound on
-    # first use: the middleware's labels come from a small closed set (route
-    # templates, known methods, status codes).
-    _answer_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = field(
-        default_factory=dict
-    )
-
-    def observe_answer(self, route: str, method: str, status: str, duration_s: float) -> None:
-        """Count one answer and its duration."""
-        children = self._answer_children.get((route, method, status))
-        if children is None:
-            children = (
-                self.requests.labels(route=route, method=method, status=status),
-                self.request_duration.labels(route=route, method=method),
-            )
-            self._answer_children[(route, method, status)] = children
-        children[0].inc()
-        children[1].observe(duration_s)
 
     def count_accepted(self, types: Iterable[str]) -> None:
         """Count accepted events by type."""
