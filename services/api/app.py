@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from services.api.admission import admission
 from services.api.delivery import CommandDeliveries
 from services.api.kafka import kafka_producer
 from services.api.keys import (
@@ -83,7 +84,12 @@ def create_app(
     """
     deps = dependencies or Dependencies()
     app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware, problem_middleware],
+        middlewares=[
+            request_id_middleware,
+            metrics_middleware,
+            admission().middleware,
+            problem_middleware,
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from services.gateway_auth import handlers
+from services.gateway_auth.admission import admission
 from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
 from services.gateway_auth.service import GatewayMetrics, IdentityService, IssuingCa, TrustKeeper
 from services.gateway_auth.settings import GatewayAuthSettings
@@ -107,7 +108,9 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
 
 def create_app(settings: GatewayAuthSettings) -> web.Application:
     """The gateway_auth application; nothing connects until it starts."""
-    app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[_middleware, admission().middleware], client_max_size=MAX_BODY_BYTES
+    )
     app[SETTINGS] = settings
     app[METRICS] = metrics = GatewayMetrics.create()
     app[TRUST] = trust = TrustKeeper(metrics)
