@@ -186,7 +186,7 @@ EDGE_CONN="${FLEETPLANE_EDGE_CONN:-3000}"
 # certificate checks in flight to gateway_auth; beyond them the edge answers 503
 # with Retry-After at once (infra/nginx/render.py, EdgeLimits).
 EDGE_API_CONNS="${FLEETPLANE_EDGE_API_CONNS:-32}"
-EDGE_CHECK_CONNS="${FLEETPLANE_EDGE_CHECK_CONNS:-32}"
+EDGE_CHECK_CONNS="${FLEETPLANE_EDGE_CHECK_CONNS:-128}"
 # The OWASP CRS as Debian's modsecurity-crs package installs it.
 CRS_SETUP="${FLEETPLANE_CRS_SETUP:-/etc/modsecurity/crs/crs-setup.conf}"
 CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"

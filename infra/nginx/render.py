@@ -71,7 +71,7 @@ class EdgeLimits:
     operator_conn: int = 16
     edge_conn: int = 3000
     api_conns: int = 32
-    check_conns: int = 32
+    check_conns: int = 128
 
     @classmethod
     def unlimited(cls) -> EdgeLimits:

@@ -22,7 +22,7 @@ from aiohttp import web
 from services.shared.admission import Admission
 
 UNCOUNTED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
-CHECK_LIMIT: Final = 128
+CHECK_LIMIT: Final = 256
 OTHER_LIMIT: Final = 64
 
 
