@@ -70,7 +70,7 @@ class EdgeLimits:
     operator_burst: int = 40
     operator_conn: int = 16
     edge_conn: int = 3000
-    api_conns: int = 32
+    api_conns: int = 64
     check_conns: int = 128
 
     @classmethod

@@ -39,7 +39,7 @@ class AdmissionSettings(BaseSettings):
         env_prefix="FLEETPLANE_API_ADMISSION_", frozen=True, extra="ignore"
     )
 
-    events: int = Field(default=64, ge=1)
+    events: int = Field(default=128, ge=1)
     """``POST /v1/events`` in flight at once; more get 503."""
     poll: int = Field(default=5000, ge=1)
     """Long polls (``GET /v1/commands``) held at once; more get 503."""
