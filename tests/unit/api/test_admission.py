@@ -21,18 +21,34 @@ async def gate() -> asyncio.Event:
     return asyncio.Event()
 
 
-@pytest.fixture
-def entered() -> list[str]:
-    """Paths of the requests that reached a held handler, in order."""
-    return []
+class Entered:
+    """Counts the requests that reached a held handler; lets a test wait for a count."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Condition()
+
+    async def arrive(self) -> None:
+        async with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    async def reach(self, count: int) -> None:
+        async with asyncio.timeout(5), self._changed:
+            await self._changed.wait_for(lambda: self.count >= count)
 
 
 @pytest.fixture
-async def client(gate: asyncio.Event, entered: list[str]) -> AsyncIterator[Client]:
+def entered() -> Entered:
+    return Entered()
+
+
+@pytest.fixture
+async def client(gate: asyncio.Event, entered: Entered) -> AsyncIterator[Client]:
     """The API's lanes with limits 2 (events), 3 (poll), 1 (other); handlers wait on ``gate``."""
 
     async def held(request: web.Request) -> web.Response:
-        entered.append(request.path)
+        await entered.arrive()
         await gate.wait()
         return web.json_response({"ok": True}, status=202 if request.method == "POST" else 200)
 
@@ -55,7 +71,7 @@ async def client(gate: asyncio.Event, entered: list[str]) -> AsyncIterator[Clien
 
 
 async def _in_flight(
-    client: Client, entered: list[str], method: str, path: str, count: int
+    client: Client, entered: Entered, method: str, path: str, count: int
 ) -> list[asyncio.Task[int]]:
     """``count`` requests, returned once every one of them is held in its handler."""
 
@@ -64,17 +80,15 @@ async def _in_flight(
             await reply.read()
             return reply.status
 
-    before = len(entered)
+    before = entered.count
     tasks = [asyncio.create_task(call()) for _ in range(count)]
-    async with asyncio.timeout(5):
-        while len(entered) < before + count:
-            await asyncio.sleep(0.01)
+    await entered.reach(before + count)
     assert not any(task.done() for task in tasks)
     return tasks
 
 
 async def test_over_the_lane_limit_is_503_with_retry_after_and_a_problem(
-    client: Client, gate: asyncio.Event, entered: list[str]
+    client: Client, gate: asyncio.Event, entered: Entered
 ) -> None:
     held = await _in_flight(client, entered, "POST", "/v1/events", 2)
     async with client.post("/v1/events") as reply:
@@ -93,7 +107,7 @@ async def test_over_the_lane_limit_is_503_with_retry_after_and_a_problem(
 
 
 async def test_lanes_are_apart_and_probes_are_never_refused(
-    client: Client, gate: asyncio.Event, entered: list[str]
+    client: Client, gate: asyncio.Event, entered: Entered
 ) -> None:
     polls = await _in_flight(client, entered, "GET", "/v1/commands?wait=20", 3)
     # Polls at their limit take no event accept's place, nor another route's.
