@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from aiokafka import AIOKafkaProducer
 
-from bench.tools import vegeta
+from bench.vegeta import vegeta
 from services.gateway_auth.pki import load_issuing_ca, write_agent_certificate
 from tests.support.deployment import Deployment
 from tests.support.records import encode, heartbeat_record

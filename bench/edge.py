@@ -1,6 +1,6 @@
 """Section ``edge``: what the WAF costs on the agent routes.
 
-Two edges rendered from infra/nginx/edge.conf.template (bench.tools.EdgeProbe),
+Two edges rendered from infra/nginx/edge.conf.template (tests.support.edge_probe.EdgeProbe),
 identical but for ``modsecurity on|off`` in the agent listener, are measured
 side by side in one run, alternately, each proxying to a no-op upstream (nginx
 answering 202 over the same mutual TLS as the API), so the figures are the
@@ -22,19 +22,34 @@ is in proportion to its inverse.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.simulator.events import EventFactory, Resource
-from bench.tools import EdgeProbe, cpu_seconds, lib_settings, vegeta
+from bench.vegeta import vegeta
 from services.gateway_auth.pki import load_issuing_ca, write_agent_certificate
+from tests.support.edge_probe import EdgeProbe, lib_settings
 from tests.support.stack import Stack
 
 DURATION_S = 10
 WORKERS = 16
 RUNS = 5
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 def single_body() -> bytes:

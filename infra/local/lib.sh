@@ -191,7 +191,7 @@ EDGE_CHECK_CONNS="${FLEETPLANE_EDGE_CHECK_CONNS:-128}"
 CRS_SETUP="${FLEETPLANE_CRS_SETUP:-/etc/modsecurity/crs/crs-setup.conf}"
 CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"
 # First of five ports for the extra nginx instances that tests and benchmarks
-# start and stop themselves (bench/tools.py EdgeProbe: the edge template's agent
+# start and stop themselves (tests/support/edge_probe.py EdgeProbe: the edge template's agent
 # and operator listeners, a no-op upstream, the enrollment listener, stub_status): the GoTestWAF probe and
 # `make bench ONLY=edge`.
 EDGE_PROBE_BASE_PORT="${FLEETPLANE_EDGE_PROBE_BASE_PORT:-18450}"

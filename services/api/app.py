@@ -9,50 +9,53 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from services.api import keys
 from services.api.admission import admission
 from services.api.delivery import CommandDeliveries
 from services.api.kafka import kafka_producer
-from services.api.keys import (
-    EVENTS,
-    METRICS,
-    OPERATORS,
-    POLLER,
-    PRODUCER,
-    REPOSITORY,
-    SETTINGS,
-    SIGNALS,
-    WATCH,
-)
 from services.api.longpoll import CommandPoller, CommandSignals
 from services.api.metrics import ApiMetrics
-from services.api.middlewares import metrics_middleware, problem_middleware, request_id_middleware
-from services.api.notify_listener import command_listener
 from services.api.operators import OperatorAuthenticator
 from services.api.repository import FleetRepository, sql_repository
 from services.api.revocation_watch import RevocationWatch
 from services.api.routes import setup_routes
 from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
-from services.shared.notify import StateFollower
-from services.shared.revocations import IDENTITY_CHANNEL
+from services.shared.channels import COMMANDS_CHANNEL, IDENTITY_CHANNEL
+from services.shared.notify import Channel, psycopg_follower, reloading
+from services.shared.web.middlewares import http_middlewares
 
 log = logging.getLogger(__name__)
 
 ProducerFactory = Callable[[ApiSettings], AbstractAsyncContextManager[RecordProducer]]
 RepositoryFactory = Callable[[ApiSettings], AbstractAsyncContextManager[FleetRepository]]
-ListenerFactory = Callable[[ApiSettings, CommandSignals], AbstractAsyncContextManager[object]]
-WatchFactory = Callable[[ApiSettings, RevocationWatch], AbstractAsyncContextManager[object]]
+FollowerFactory = Callable[
+    [ApiSettings, CommandSignals, RevocationWatch], AbstractAsyncContextManager[object]
+]
 
 
 @asynccontextmanager
-async def identity_follower(settings: ApiSettings, watch: RevocationWatch) -> AsyncIterator[None]:
-    """Follow gateway_auth's revocations (LISTEN + periodic reload) in the background."""
-    follower = StateFollower(
+async def notify_follower(
+    settings: ApiSettings, signals: CommandSignals, watch: RevocationWatch
+) -> AsyncIterator[None]:
+    """The process's one LISTEN connection, following both channels in the background.
+
+    Commands notifications wake the named environment's long polls (every poll
+    after a reconnect, since notifications sent meanwhile are lost); identity
+    notifications reload the revocations that end open polls. Does not wait for
+    the first connection: the API starts even while PostgreSQL is unreachable,
+    and polls answer at their deadline until it is back.
+    """
+
+    follower = psycopg_follower(
         settings.database.libpq_dsn,
-        IDENTITY_CHANNEL,
-        watch.reload,
-        interval_s=settings.identity_reload_s,
-        name="fleetplane-api-identity",
+        [
+            Channel(
+                COMMANDS_CHANNEL, on_payload=signals.notify_payload, on_listen=signals.wake_all
+            ),
+            reloading(IDENTITY_CHANNEL, watch.reload, settings.identity_reload_s),
+        ],
+        name="fleetplane-api-listen",
     )
     async with follower.running():
         yield
@@ -63,15 +66,14 @@ class Dependencies:
     """Where the app's external resources come from.
 
     The defaults are the production ones (a started Kafka producer, a PostgreSQL
-    engine, a LISTEN connection that feeds the given CommandSignals); unit tests
+    engine, the LISTEN connection that feeds CommandSignals and RevocationWatch); unit tests
     pass fakes. Each factory is entered when the app starts and exited when it
     cleans up.
     """
 
     producer: ProducerFactory = kafka_producer
     repository: RepositoryFactory = sql_repository
-    command_listener: ListenerFactory = command_listener
-    identity_follower: WatchFactory = identity_follower
+    follower: FollowerFactory = notify_follower
 
 
 def create_app(
@@ -80,29 +82,27 @@ def create_app(
     """The API application; nothing connects until it starts (``AppRunner.setup``).
 
     Startup fails (KafkaError) if no Kafka broker answers; PostgreSQL connects
-    lazily, and the LISTEN connection for long polls connects in the background.
+    lazily, and the LISTEN connection connects in the background.
     """
     deps = dependencies or Dependencies()
     app = web.Application(
         middlewares=[
-            request_id_middleware,
-            metrics_middleware,
+            *http_middlewares(lambda app: app[keys.METRICS], service="API"),
             admission().middleware,
-            problem_middleware,
         ],
         client_max_size=settings.max_body_bytes,
     )
-    app[SETTINGS] = settings
+    app[keys.SETTINGS] = settings
 
     @asynccontextmanager
     async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[METRICS] = ApiMetrics.create()
+        app[keys.METRICS] = ApiMetrics.create()
         yield
 
     @asynccontextmanager
     async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
         async with deps.producer(settings) as producer:
-            app[PRODUCER] = producer
+            app[keys.PRODUCER] = producer
             log.info("Kafka producer started (%s)", settings.kafka.kafka_bootstrap)
             yield
             log.info("flushing and stopping the Kafka producer")
@@ -110,50 +110,51 @@ def create_app(
     @asynccontextmanager
     async def repository_ctx(app: web.Application) -> AsyncIterator[None]:
         async with deps.repository(settings) as repository:
-            app[REPOSITORY] = repository
+            app[keys.REPOSITORY] = repository
             yield
 
     @asynccontextmanager
     async def events_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[EVENTS] = EventService(
-            producer=app[PRODUCER],
+        app[keys.EVENTS] = EventService(
+            producer=app[keys.PRODUCER],
             topic=settings.kafka.events_topic,
             produce_timeout_s=settings.produce_timeout_s,
             retry_after_s=settings.retry_after_s,
-            metrics=app[METRICS],
+            metrics=app[keys.METRICS],
         )
         yield
 
     @asynccontextmanager
     async def operators_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[OPERATORS] = OperatorAuthenticator(
-            app[REPOSITORY], cache_s=settings.operator_key_cache_s
+        app[keys.OPERATORS] = OperatorAuthenticator(
+            app[keys.REPOSITORY], cache_s=settings.operator_key_cache_s
         )
         yield
 
     @asynccontextmanager
     async def commands_ctx(app: web.Application) -> AsyncIterator[None]:
         signals = CommandSignals()
-        app[SIGNALS] = signals
-        app[POLLER] = CommandPoller(
-            app[REPOSITORY], signals, deliveries=CommandDeliveries(app[METRICS].command_delivery)
+        app[keys.SIGNALS] = signals
+        app[keys.POLLER] = CommandPoller(
+            app[keys.REPOSITORY],
+            signals,
+            deliveries=CommandDeliveries(app[keys.METRICS].command_delivery),
         )
-        async with deps.command_listener(settings, signals):
-            yield
-            # Waiting polls were already answered by end_polls (on_shutdown).
-            log.info("stopping the commands listener")
+        yield
 
     @asynccontextmanager
     async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[WATCH] = watch = RevocationWatch(app[METRICS].revocation_delay)
-        async with deps.identity_follower(settings, watch):
+        app[keys.WATCH] = watch = RevocationWatch(app[keys.METRICS].revocation_delay)
+        async with deps.follower(settings, app[keys.SIGNALS], watch):
             yield
+            # Waiting polls were already answered by end_polls (on_shutdown).
+            log.info("stopping the LISTEN connection")
 
     async def end_polls(app: web.Application) -> None:
         # on_shutdown runs after the listening socket closed and before aiohttp
         # waits (up to shutdown_timeout_s) for in-flight requests: waiting polls
         # answer now instead of being cut off.
-        signals = app.get(SIGNALS)
+        signals = app.get(keys.SIGNALS)
         if signals is not None:
             log.info("ended %d waiting poll(s) for shutdown", signals.close())
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from services.api.keys import (
     EVENTS,
@@ -38,7 +36,6 @@ from services.api.models import (
     HealthReply,
     ReadyReply,
 )
-from services.api.openapi import openapi_text
 from services.api.operators import (
     AUDIT_LIMIT_DEFAULT,
     AUDIT_LIMIT_MAX,
@@ -48,54 +45,41 @@ from services.api.operators import (
 from services.shared.commands import CommandsReply
 from services.shared.edge_auth import (
     SERIAL_HEADER,
-    PeerCert,
     identity_from_request,
     operator_credentials_from_request,
 )
 from services.shared.events import EventId
 from services.shared.identity import AgentIdentity
-from services.shared.params import path_id, query_int
+from services.shared.params import limit_param, path_id
 from services.shared.problems import (
     CertificateRevoked,
     FieldError,
-    PayloadTooLarge,
     Problem,
     ServiceUnavailable,
-    UnsupportedMediaType,
     ValidationFailed,
 )
+from services.shared.web.body import read_json_body as read_body
+from services.shared.web.database import database_errors as shared_database_errors
+from services.shared.web.tls import peer_cert as _peer_cert
 
 log = logging.getLogger(__name__)
 
 READINESS_TIMEOUT_S: Final = 1.0
 _EVENT_ID: Final[TypeAdapter[str]] = TypeAdapter(EventId)
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
-_DATABASE_DOWN: Final = (OperationalError, InterfaceError, PoolTimeoutError)
-
-
-def _peer_cert(request: web.Request) -> PeerCert | None:
-    transport = request.transport
-    peer_cert: PeerCert | None = (
-        transport.get_extra_info("peercert") if transport is not None else None
-    )
-    return peer_cert
 
 
 def _trace_carrier(request: web.Request) -> dict[str, str]:
     return {h: request.headers[h] for h in _TRACE_HEADERS if h in request.headers}
 
 
-@contextmanager
-def database_errors(request: web.Request, what: str) -> Iterator[None]:
+def database_errors(request: web.Request, what: str) -> AbstractContextManager[None]:
     """Turn an unreachable database inside the block into a 503 with Retry-After."""
-    try:
-        yield
-    except _DATABASE_DOWN as e:
-        log.warning("%s failed: %s", what, e)
-        raise ServiceUnavailable(
-            "the fleet database is unavailable; retry later",
-            retry_after_s=request.app[SETTINGS].retry_after_s,
-        ) from e
+    return shared_database_errors(
+        what,
+        retry_after_s=request.app[SETTINGS].retry_after_s,
+        detail="the fleet database is unavailable; retry later",
+    )
 
 
 def agent_identity(request: web.Request) -> AgentIdentity:
@@ -115,18 +99,7 @@ def agent_identity(request: web.Request) -> AgentIdentity:
 
 async def read_json_body(request: web.Request) -> bytes:
     """The raw body of a JSON request. Raises UnsupportedMediaType or PayloadTooLarge."""
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType(
-            f"send the body as application/json, not {request.content_type[:64]}"
-        )
-    limit = request.app[SETTINGS].max_body_bytes
-    too_large = PayloadTooLarge(f"the body must be at most {limit} bytes; send smaller batches")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise too_large from e
+    return await read_body(request, request.app[SETTINGS].max_body_bytes)
 
 
 async def post_events(request: web.Request) -> web.Response:
@@ -276,22 +249,11 @@ async def get_environments(request: web.Request) -> web.Response:
 async def get_audit(request: web.Request) -> web.Response:
     """``GET /v1/operator/customers/{c}/audit?limit=``: latest applied changes, newest first."""
     _, customer_id = await _operator_customer(request)
-    limit = query_int(
-        request.query.getall("limit", []),
-        "limit",
-        minimum=1,
-        maximum=AUDIT_LIMIT_MAX,
-        default=AUDIT_LIMIT_DEFAULT,
-    )
+    limit = limit_param(request.query, maximum=AUDIT_LIMIT_MAX, default=AUDIT_LIMIT_DEFAULT)
     with database_errors(request, "audit lookup"):
         rows = await request.app[REPOSITORY].audit(customer_id, limit=limit)
     entries = [AuditEntry.model_validate(r, from_attributes=True) for r in rows]
     return _json(AuditReply(entries=entries))
-
-
-async def openapi_json(request: web.Request) -> web.Response:
-    """``GET /openapi.json``: the OpenAPI 3.1 description of every route; needs no identity."""
-    return web.Response(text=openapi_text(), content_type="application/json")
 
 
 def _json(reply: BaseModel, *, status: int = 200) -> web.Response:

@@ -13,6 +13,7 @@ from services.api.repository import FleetRepository
 from services.api.revocation_watch import RevocationWatch
 from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
+from services.shared.web.middlewares import REQUEST_ID as REQUEST_ID
 
 SETTINGS: Final = web.AppKey("settings", ApiSettings)
 METRICS: Final = web.AppKey("metrics", ApiMetrics)
@@ -25,4 +26,3 @@ SIGNALS: Final = web.AppKey("signals", CommandSignals)
 POLLER: Final = web.AppKey("poller", CommandPoller)
 WATCH: Final = web.AppKey("revocation_watch", RevocationWatch)
 """Ends waiting long polls of revoked certificates; fed by the identity follower."""
-REQUEST_ID: Final = web.RequestKey("request_id", str)

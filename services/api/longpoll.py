@@ -2,11 +2,11 @@
 
 The controller writes commands and, in the same transaction, NOTIFYs
 ``fleetplane_commands`` with ``<customer>/<environment>``. Each API process holds
-one LISTEN connection (``notify_listener.py``) that feeds a ``CommandSignals``
-hub; every waiting poll subscribes to its own environment and is woken only by
-that environment's notifications (or by ``wake_all`` after the LISTEN
-connection was re-established, since notifications sent while it was down are
-lost).
+one LISTEN connection (``services.shared.notify``, started in ``app.py``) that
+feeds a ``CommandSignals`` hub; every waiting poll subscribes to its own
+environment and is woken only by that environment's notifications (or by
+``wake_all`` after the LISTEN connection was re-established, since
+notifications sent while it was down are lost).
 
 No lost wake-up: a poll subscribes before its first query and clears its
 subscription before every query, so a notification that lands between a query
@@ -29,14 +29,13 @@ from typing import Final, Protocol
 
 from services.api.delivery import CommandDeliveries
 from services.api.repository import PendingCommands
+from services.shared.channels import COMMANDS_CHANNEL as COMMANDS_CHANNEL
 from services.shared.commands import MAX_WAIT_S, CommandsReply
 from services.shared.identity import IdentityError, check_id
 from services.shared.params import query_int
 
 log = logging.getLogger(__name__)
 
-COMMANDS_CHANNEL: Final = "fleetplane_commands"
-"""The NOTIFY channel; must equal ``services.controller.store.COMMANDS_CHANNEL`` (tested)."""
 DEFAULT_WAIT_S: Final = 20
 """``wait`` when the query does not give one."""
 NEXT_POLL_S: Final = (0.5, 1.5)

@@ -1,11 +1,12 @@
 """The OpenAPI 3.1 description of the API, served at ``GET /openapi.json``.
 
-``OPERATIONS`` lists every route with the statuses its handler can answer; the
-document is built from it, and its schemas are generated from the pydantic
-models the handlers use (request contracts in ``services.shared``, answers in
-``models.py``), never written by hand. A unit test checks that every route of
-the app is documented and vice versa, that path parameters match, that every
-documented status is actually answered, and that answers match their schemas.
+``OPERATIONS`` lists every route with its handler and the statuses it can answer;
+both the router (``routes.py``) and this document are built from it, so a route
+cannot exist in one and not the other. The schemas are generated from the
+pydantic models the handlers use (request contracts in ``services.shared``,
+answers in ``models.py``), never written by hand. A unit test checks that path
+parameters match, that every documented status is actually answered, and that
+answers match their schemas.
 """
 
 from __future__ import annotations
@@ -13,30 +14,24 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Final, Literal
 
+from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from services.api import handlers, models
 from services.api.longpoll import DEFAULT_WAIT_S
-from services.api.models import (
-    AuditReply,
-    DesiredStateAccepted,
-    EnvironmentsReply,
-    EventsAccepted,
-    EventStatusReply,
-    HealthReply,
-    ProblemDetails,
-    ReadyReply,
-)
 from services.api.operators import AUDIT_LIMIT_DEFAULT, AUDIT_LIMIT_MAX
 from services.shared.commands import MAX_WAIT_S, CommandsReply
 from services.shared.events import DesiredState, EventBatch, EventId, Identifier
 from services.shared.problems import PROBLEM_CONTENT_TYPE, WWW_AUTHENTICATE
 
 OPENAPI_VERSION: Final = "3.1.0"
-API_VERSION: Final = "1.0.0"
+API_VERSION: Final = "1.1.0"
+"""1.1.0: every service names invalid fields one way (see the 422 response)."""
 REF_TEMPLATE: Final = "#/components/schemas/{model}"
 
 Audience = Literal["public", "agent", "operator"]
@@ -70,10 +65,18 @@ class Operation:
     """Problem statuses the handler answers (500 for unexpected failures is implied)."""
     body: type[BaseModel] | None = None
     query: tuple[QueryParameter, ...] = ()
+    _: KW_ONLY
+    handler: Handler
+    """What answers it (``handlers.py``)."""
 
     @property
     def statuses(self) -> frozenset[int]:
         return frozenset((self.status, *self.errors))
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI 3.1 description of every route; needs no identity."""
+    return web.Response(text=openapi_text(), content_type="application/json")
 
 
 _WAIT = QueryParameter(
@@ -105,7 +108,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Answers while the process's event loop runs; checks no dependency.",
         "public",
         200,
-        HealthReply,
+        models.HealthReply,
+        handler=handlers.healthz,
     ),
     Operation(
         "readyz",
@@ -115,8 +119,9 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "200 when Kafka answers a metadata request and PostgreSQL a query, else 503.",
         "public",
         200,
-        ReadyReply,
+        models.ReadyReply,
         errors=(503,),
+        handler=handlers.readyz,
     ),
     Operation(
         "metrics",
@@ -127,6 +132,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "public",
         200,
         None,
+        handler=handlers.metrics,
     ),
     Operation(
         "openapi",
@@ -137,6 +143,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "public",
         200,
         None,
+        handler=openapi_json,
     ),
     Operation(
         "post_events",
@@ -151,9 +158,10 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "only, never from the body. " + _STORABLE,
         "agent",
         202,
-        EventsAccepted,
+        models.EventsAccepted,
         errors=(400, *_AGENT_ERRORS, 413, 415, 422, 503),
         body=EventBatch,
+        handler=handlers.post_events,
     ),
     Operation(
         "get_event",
@@ -164,8 +172,9 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "then, and for any id this agent did not send.",
         "agent",
         200,
-        EventStatusReply,
+        models.EventStatusReply,
         errors=(*_AGENT_ERRORS, 422, 503),
+        handler=handlers.get_event,
     ),
     Operation(
         "get_commands",
@@ -183,6 +192,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         CommandsReply,
         errors=(*_AGENT_ERRORS, 422, 503),
         query=(_WAIT,),
+        handler=handlers.get_commands,
     ),
     Operation(
         "put_desired_state",
@@ -195,9 +205,10 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "and creates the commands that move the environment towards it. " + _STORABLE,
         "operator",
         202,
-        DesiredStateAccepted,
+        models.DesiredStateAccepted,
         errors=(400, *_OPERATOR_ERRORS, 413, 415),
         body=DesiredState,
+        handler=handlers.put_desired_state,
     ),
     Operation(
         "get_environments",
@@ -209,8 +220,9 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "never_seen).",
         "operator",
         200,
-        EnvironmentsReply,
+        models.EnvironmentsReply,
         errors=_OPERATOR_ERRORS,
+        handler=handlers.get_environments,
     ),
     Operation(
         "get_audit",
@@ -220,9 +232,10 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Operator changes as the controller applied (or refused) them, newest first.",
         "operator",
         200,
-        AuditReply,
+        models.AuditReply,
         errors=_OPERATOR_ERRORS,
         query=(_LIMIT,),
+        handler=handlers.get_audit,
     ),
 )
 
@@ -259,7 +272,14 @@ _PROBLEMS: Final[dict[int, tuple[str, str]]] = {
     ),
     413: ("PayloadTooLarge", "The body, or one record made from it, is too large."),
     415: ("UnsupportedMediaType", "The body is not application/json."),
-    422: ("ValidationFailed", "The input failed validation; ``errors`` names each field."),
+    422: (
+        "ValidationFailed",
+        "The input failed validation; ``errors`` names each field JSON-path-like from the "
+        "body's root: ``events[3].payload.health`` (list items by index in brackets, keys "
+        "after dots, ``$`` for the whole body); path and query parameters by their name. "
+        "Every Fleetplane service names fields this way (gateway_auth said "
+        "``events.3.payload`` and ``body`` before API version 1.1.0).",
+    ),
     503: (
         "ServiceUnavailable",
         "A dependency (Kafka or PostgreSQL) is unavailable; retry the same request after "
@@ -281,7 +301,9 @@ _Refs = dict[tuple[Any, JsonSchemaMode], dict[str, Any]]
 
 
 def _schemas() -> tuple[_Refs, dict[str, Any]]:
-    wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [(ProblemDetails, "serialization")]
+    wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (models.ProblemDetails, "serialization")
+    ]
     for operation in OPERATIONS:
         if operation.body is not None:
             wanted.append((operation.body, "validation"))

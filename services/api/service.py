@@ -9,9 +9,7 @@ customer id and go through the same produce path (``EventService.publish``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -21,12 +19,10 @@ from typing import Any, Final, Protocol
 
 from aiokafka.errors import KafkaError
 from opentelemetry import propagate, trace
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from services.api.metrics import ApiMetrics
 from services.shared.events import (
-    EVENT_TYPES,
-    UNSTORABLE_SURROGATE,
     AgentEventRecord,
     DesiredState,
     DesiredStateRecord,
@@ -36,11 +32,13 @@ from services.shared.identity import AgentIdentity
 from services.shared.jsonbody import refuse_duplicate_keys
 from services.shared.problems import (
     FieldError,
-    MalformedRequest,
     PayloadTooLarge,
     ServiceUnavailable,
     ValidationFailed,
 )
+from services.shared.web.body import body_problem as _body_problem
+from services.shared.web.body import field_path as field_path
+from services.shared.web.body import validation_errors as validation_errors
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +46,6 @@ log = logging.getLogger(__name__)
 # batch; a record above this could never be delivered, so it is refused up front
 # instead of being answered 503 and retried forever.
 MAX_RECORD_BYTES: Final = 1_000_000
-# Pydantic puts the tag of a discriminated union into the error location
-# (events.3.heartbeat.payload); the agent's JSON has no such level.
-_UNION_TAGS: Final = frozenset(EVENT_TYPES)
-_MAX_FIELD_CHARS: Final = 200
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
 
 KafkaHeaders = list[tuple[str, bytes]]
@@ -81,85 +74,6 @@ class RecordProducer(Protocol):
         Raises KafkaError or TimeoutError otherwise, within about ``timeout_s``.
         """
         ...
-
-
-def field_path(loc: Sequence[int | str], error_type: str = "") -> str:
-    """A pydantic error location as a JSON-path-like name: ``events[3].payload.health``.
-
-    ``$`` names the whole body.
-    """
-    path = ""
-    previous: int | str | None = None
-    for item in loc:
-        if isinstance(item, str):
-            # An unknown key may hold an unpaired surrogate; the answer must stay UTF-8.
-            item = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", item)
-        if isinstance(item, int):
-            path += f"[{item}]"
-        elif isinstance(previous, int) and item in _UNION_TAGS:
-            pass
-        else:
-            path += f".{item}" if path else str(item)
-        previous = item
-    if error_type in ("union_tag_invalid", "union_tag_not_found"):
-        # The error is about the discriminator field itself, not the whole event.
-        path += ".type" if path else "type"
-    if len(path) > _MAX_FIELD_CHARS:
-        path = path[:_MAX_FIELD_CHARS] + "..."
-    return path or "$"
-
-
-def validation_errors(error: ValidationError) -> tuple[FieldError, ...]:
-    """One FieldError per pydantic error, never echoing the input value."""
-    return tuple(
-        FieldError(
-            field_path(detail["loc"], detail["type"]),
-            # pydantic's own words ("unable to parse raw data as a unicode string")
-            # do not say what to change.
-            UNSTORABLE_SURROGATE if detail["type"] == "string_unicode" else detail["msg"],
-        )
-        for detail in error.errors(include_url=False, include_input=False)
-    )
-
-
-def _unpaired_surrogates(body: bytes, model: type[BaseModel]) -> ValidationError | None:
-    """The body's field errors when its only fault as JSON is an unpaired surrogate escape.
-
-    pydantic's JSON parser refuses ``"\\ud800"`` as invalid JSON, which would answer
-    400 without naming the field. Python's parser reads it (RFC 8259 allows the
-    escape), and validating what it read names every field holding one. None when
-    the body is not JSON for Python either, or has no such string.
-    """
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    try:
-        model.model_validate(parsed)
-    except ValidationError as e:
-        for detail in e.errors(include_url=False, include_input=False):
-            # A string value holding one, or an (unknown) key holding one.
-            if detail["type"] == "string_unicode" or any(
-                isinstance(item, str) and _SURROGATE.search(item) for item in detail["loc"]
-            ):
-                return e
-    return None
-
-
-def _body_problem(
-    error: ValidationError, what: str, body: bytes, model: type[BaseModel]
-) -> MalformedRequest | ValidationFailed:
-    """MalformedRequest when the body is not JSON at all, else ValidationFailed listing fields."""
-    details = error.errors(include_url=False, include_input=False)
-    if details and details[0]["type"] == "json_invalid":
-        located = _unpaired_surrogates(body, model)
-        if located is None:
-            return MalformedRequest(f"the body is not valid JSON: {details[0]['msg']}")
-        error = located
-    errors = validation_errors(error)
-    return ValidationFailed(
-        f"the {what} has {len(errors)} invalid field(s); nothing was accepted", errors=errors
-    )
 
 
 def parse_batch(body: bytes) -> EventBatch:

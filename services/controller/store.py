@@ -27,6 +27,7 @@ from services.controller.handlers import (
     command_ids,
     reconcile,
 )
+from services.shared.channels import COMMANDS_CHANNEL
 from services.shared.schema import (
     agent_status,
     commands,
@@ -34,9 +35,6 @@ from services.shared.schema import (
     event_records,
     operator_audit,
 )
-
-COMMANDS_CHANNEL = "fleetplane_commands"
-"""PostgreSQL NOTIFY channel; the payload is ``<customer>/<environment>``."""
 
 
 def _key_rows(keys: Sequence[tuple[str, ...]], *names: str) -> Any:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Final, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from pydantic import BaseModel
 
 from services.gateway_auth import expiry
 from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
@@ -30,80 +27,49 @@ from services.gateway_auth.models import (
 from services.gateway_auth.service import IssuedAgentCertificate
 from services.shared.db import pool_use
 from services.shared.edge_auth import (
-    PeerCert,
     agent_certificate_from_request,
     is_edge,
     operator_credentials_from_request,
 )
 from services.shared.identity_journal import JournalUnavailable
-from services.shared.jsonbody import refuse_duplicate_keys
 from services.shared.operator_keys import secret_matches
-from services.shared.params import path_id, query_int
+from services.shared.params import limit_param, path_id
 from services.shared.problems import (
     FieldError,
     Forbidden,
     NotFound,
     OperatorUnauthenticated,
-    PayloadTooLarge,
     ServiceUnavailable,
     Unauthenticated,
-    UnsupportedMediaType,
     ValidationFailed,
 )
+from services.shared.web.body import parse_json_model, read_json_body
+from services.shared.web.database import database_errors
+from services.shared.web.tls import peer_cert as _peer_cert
 
 log = logging.getLogger(__name__)
 
 REFUSAL_HEADER: Final = "X-Fleetplane-Refusal"
 AUDIT_LIMIT_DEFAULT: Final = 100
 AUDIT_LIMIT_MAX: Final = 500
-# The identity journal (Kafka) refusing an entry rolls the change back: the same
-# "retry later" as the database being down.
-_DATABASE_DOWN: Final = (
-    OperationalError,
-    InterfaceError,
-    PoolTimeoutError,
-    OSError,
-    JournalUnavailable,
-)
+MAX_BODY_BYTES: Final = 64 * 1024
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def _peer_cert(request: web.Request) -> PeerCert | None:
-    transport = request.transport
-    peer: PeerCert | None = transport.get_extra_info("peercert") if transport is not None else None
-    return peer
-
-
-@contextmanager
-def _database(request: web.Request) -> Iterator[None]:
-    try:
-        yield
-    except _DATABASE_DOWN as e:
-        log.warning("database unavailable: %s", e)
-        raise ServiceUnavailable(
-            "the identity database is unavailable; retry later",
-            retry_after_s=request.app[SETTINGS].retry_after_s,
-        ) from e
+def _database(request: web.Request) -> AbstractContextManager[None]:
+    return database_errors(
+        "identity database",
+        retry_after_s=request.app[SETTINGS].retry_after_s,
+        detail="the identity database is unavailable; retry later",
+        # The identity journal (Kafka) refusing an entry rolls the change back: the
+        # same "retry later" as the database being down.
+        also=(OSError, JournalUnavailable),
+    )
 
 
 async def _body(request: web.Request, model: type[Body]) -> Body:
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType(
-            f"send the body as application/json, not {request.content_type[:64]}"
-        )
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise PayloadTooLarge("the body is larger than gateway_auth accepts") from e
-    refuse_duplicate_keys(raw)
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as e:
-        errors = tuple(
-            FieldError(".".join(str(p) for p in error["loc"]) or "body", error["msg"])
-            for error in e.errors(include_url=False, include_input=False)
-        )
-        raise ValidationFailed("the request body is not valid", errors=errors) from None
+    raw = await read_json_body(request, MAX_BODY_BYTES)
+    return parse_json_model(raw, model, "request body")
 
 
 def _json(reply: BaseModel, *, status: int = 200) -> web.Response:
@@ -205,13 +171,7 @@ async def revoke(request: web.Request) -> web.Response:
 
 async def audit(request: web.Request) -> web.Response:
     _, customer_id = await _operator(request)
-    limit = query_int(
-        request.query.getall("limit", []),
-        "limit",
-        minimum=1,
-        maximum=AUDIT_LIMIT_MAX,
-        default=AUDIT_LIMIT_DEFAULT,
-    )
+    limit = limit_param(request.query, maximum=AUDIT_LIMIT_MAX, default=AUDIT_LIMIT_DEFAULT)
     with _database(request):
         rows = await request.app[STORE].audit(customer_id, limit=limit)
     return _json(AuditList(entries=[AuditItem.model_validate(row) for row in rows]))

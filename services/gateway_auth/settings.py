@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import ClassVar, Final
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from services.shared.settings import DatabaseSettings, KafkaSettings, with_pki_defaults
+from services.shared.settings import KafkaSettings
+from services.shared.web.settings import HttpServiceSettings
 
 # File names inside FLEETPLANE_PKI_DIR, used when a path is not set explicitly.
 _PKI_FILES: Final = {
@@ -23,30 +25,23 @@ _PKI_FILES: Final = {
 }
 
 
-class GatewayAuthSettings(BaseSettings):
+class GatewayAuthSettings(HttpServiceSettings):
     """Everything gateway_auth needs, frozen once built (``FLEETPLANE_GATEWAY_AUTH_*``).
 
-    TLS and CA paths left unset default to files in ``FLEETPLANE_PKI_DIR``.
+    The listener, TLS, start and stop fields are those of every HTTP service
+    (``HttpServiceSettings``); TLS and CA paths left unset default to files in
+    ``FLEETPLANE_PKI_DIR``.
     """
 
     model_config = SettingsConfigDict(
         env_prefix="FLEETPLANE_GATEWAY_AUTH_", frozen=True, extra="ignore"
     )
 
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    pki_files: ClassVar[Mapping[str, str]] = _PKI_FILES
+
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     """Only the identity journal's topic is used (services/shared/identity_journal.py)."""
-
-    host: str = "127.0.0.1"
-    """Address to listen on; only the edge should be able to reach it."""
     port: int = Field(default=18083, ge=1, le=65535)
-    tls_cert: Path
-    """Server certificate for the edge->gateway_auth hop (internal CA)."""
-    tls_key: Path
-    edge_ca: Path
-    """CA of the edge's client certificate (the internal CA, never the agents' CA)."""
-    edge_client_cn: str = "fleetplane-edge"
-    """Subject CN of the edge's client certificate: the only peer whose headers count."""
     issuing_ca_cert: Path
     """The issuing CA that signs agent certificates; re-read when the file changes."""
     issuing_ca_key: Path
@@ -62,14 +57,6 @@ class GatewayAuthSettings(BaseSettings):
     """Longest lifetime an operator may ask for."""
     trust_reload_s: float = Field(default=30.0, gt=0, le=3600)
     """Full reload of revocations and issuing CAs, besides the reload on each NOTIFY."""
-    shutdown_timeout_s: float = Field(default=10.0, gt=0)
-    retry_after_s: int = Field(default=2, ge=1, le=3600)
-    """``Retry-After`` of 503 answers (database down)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_paths_from_pki_dir(cls, data: Any) -> Any:
-        return with_pki_defaults(data, _PKI_FILES)
 
     @classmethod
     def load(cls) -> GatewayAuthSettings:

@@ -6,6 +6,8 @@ import re
 from collections.abc import Sequence
 from typing import Final
 
+from multidict import MultiMapping
+
 from services.shared.identity import ID_PATTERN, IdentityError, check_id
 from services.shared.problems import FieldError, ValidationFailed
 
@@ -41,3 +43,18 @@ def query_int(values: Sequence[str], name: str, *, minimum: int, maximum: int, d
             return number
     message = f"must be one integer from {minimum} to {maximum}"
     raise ValidationFailed(f"the {name} parameter {message}", errors=(FieldError(name, message),))
+
+
+def limit_param(query: MultiMapping[str], *, maximum: int, default: int) -> int:
+    """The ``limit`` query parameter of a listing: one integer from 1 to ``maximum``.
+
+    ``query`` is the request's query (a multidict: every value of ``limit`` counts).
+    Raises ValidationFailed naming ``limit``.
+    """
+    return query_int(
+        query.getall("limit", []),
+        "limit",
+        minimum=1,
+        maximum=maximum,
+        default=default,
+    )

@@ -24,10 +24,8 @@ from typing import Any, Final
 
 import psycopg
 
+from services.shared.channels import IDENTITY_CHANNEL as IDENTITY_CHANNEL
 from services.shared.identity import AgentIdentity
-
-IDENTITY_CHANNEL: Final = "fleetplane_identity"
-"""NOTIFY channel: a revocation was recorded or the set of issuing CAs changed."""
 
 REVOKED: Final = "the client certificate was revoked"
 UNKNOWN_ISSUER: Final = "the client certificate's issuing CA is not trusted"

@@ -223,6 +223,20 @@ async def test_a_malformed_csr_is_a_400(enroller: Enroller, csr: str) -> None:
     assert body["status"] == 400
 
 
+async def test_gateway_auth_names_invalid_fields_like_the_api(enroller: Enroller) -> None:
+    """422 field names are JSON-path-like from the body's root in every service: ``$`` for
+    the whole body (gateway_auth said ``body`` before), keys after dots."""
+    path = "/v1/operator/customers/acme/revocations"
+    status, body = await enroller.operator.request("POST", path, [])
+    assert (status, problem_type(body)) == (422, "validation-failed"), body
+    assert [error["field"] for error in body["errors"]] == ["$"], body
+    status, body = await enroller.operator.request(
+        "POST", path, {"environment_id": "prod", "reason": ["test"]}
+    )
+    assert (status, problem_type(body)) == (422, "validation-failed"), body
+    assert [error["field"] for error in body["errors"]] == ["reason"], body
+
+
 async def test_enrollment_listener_serves_only_enrollment(enroller: Enroller) -> None:
     context = ssl.create_default_context(cafile=str(enroller.pki_dir / "root-ca.pem"))
     async with (

@@ -1,7 +1,7 @@
 """Outside scanners against the edge: GoTestWAF (a peer's WAF suite) and sslyze.
 
 GoTestWAF cannot present a client certificate, so it is run against an extra
-edge rendered from the same template (bench.tools.EdgeProbe) whose agent
+edge rendered from the same template (tests.support.edge_probe.EdgeProbe) whose agent
 listener asks for none (``ssl_verify_client off``) and whose limits are lifted;
 everything else, the WAF configuration included, is the edge's. Requests that
 pass the WAF reach a no-op upstream, so the results are the WAF's alone (for
@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from bench.tools import EdgeProbe, gotestwaf, run_gotestwaf, run_sslyze
 from services.gateway_auth.pki import CertificateAuthority, write_agent_certificate
+from tests.support.edge_probe import EdgeProbe
+from tests.support.scanners import gotestwaf, run_gotestwaf, run_sslyze
 from tests.support.stack import Stack
 
 # Regression floors below what docs/security-tests.md records (the share of

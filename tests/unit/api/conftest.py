@@ -31,13 +31,14 @@ from services.api.repository import (
     PendingCommands,
     StoredOperatorKey,
 )
+from services.api.revocation_watch import RevocationWatch
 from services.api.service import KafkaHeaders
 from services.api.settings import ApiSettings
-from services.api.tls import server_ssl_context
 from services.shared.commands import Command
 from services.shared.identity import AgentIdentity
 from services.shared.operator_keys import NewKey, new_key
 from services.shared.settings import DatabaseSettings, KafkaSettings
+from services.shared.web.tls import server_ssl_context
 
 EDGE_CN = "fleetplane-edge"
 
@@ -178,12 +179,14 @@ def fake_dependencies(producer: FakeProducer, repository: FakeRepository) -> Dep
         yield repository
 
     @asynccontextmanager
-    async def no_listener(settings: ApiSettings, signals: CommandSignals) -> AsyncIterator[None]:
-        # Tests wake polls through app[SIGNALS] themselves.
+    async def no_follower(
+        settings: ApiSettings, signals: CommandSignals, watch: RevocationWatch
+    ) -> AsyncIterator[None]:
+        # Tests wake polls through app[SIGNALS] and revoke through app[WATCH] themselves.
         yield
 
     return Dependencies(
-        producer=producer_factory, repository=repository_factory, command_listener=no_listener
+        producer=producer_factory, repository=repository_factory, follower=no_follower
     )
 
 
@@ -301,7 +304,9 @@ async def serve(
     """
     app = create_app(settings, dependencies=fake_dependencies(producer, repository))
     server = TestServer(app, host="127.0.0.1")
-    await server.start_server(ssl=server_ssl_context(settings))
+    await server.start_server(
+        ssl=server_ssl_context(settings.tls_cert, settings.tls_key, settings.edge_ca)
+    )
     client: Client = TestClient(server, connector=aiohttp.TCPConnector(ssl=client_ssl))
     async with client:
         yield client

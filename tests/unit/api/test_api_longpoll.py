@@ -8,7 +8,6 @@ import time
 import pytest
 
 from services.api.longpoll import (
-    COMMANDS_CHANNEL,
     DEFAULT_WAIT_S,
     NEXT_POLL_S,
     CommandPoller,
@@ -18,7 +17,6 @@ from services.api.longpoll import (
     parse_wait,
 )
 from services.api.repository import PendingCommands
-from services.controller.store import COMMANDS_CHANNEL as CONTROLLER_CHANNEL
 from services.shared.commands import MAX_WAIT_S, Command, CommandResource
 from services.shared.problems import ValidationFailed
 
@@ -38,10 +36,6 @@ def command(command_id: int = 1, action: str = "create") -> Command:
             "attempt": 1,
         }
     )
-
-
-def test_the_channel_is_the_one_the_controller_notifies() -> None:
-    assert COMMANDS_CHANNEL == CONTROLLER_CHANNEL
 
 
 @pytest.mark.parametrize(

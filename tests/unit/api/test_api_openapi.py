@@ -78,11 +78,15 @@ def test_document_is_valid_openapi_3_1() -> None:
 
 
 def test_every_route_is_documented_and_vice_versa(settings: ApiSettings) -> None:
+    # Both come from OPERATIONS; this catches a route added to the app by other means.
     app = create_app(settings, dependencies=fake_dependencies(FakeProducer(), FakeRepository()))
     registered = routes(app)
     assert set(registered) == set(documented())
     for key, route in registered.items():
         assert documented()[key]["operationId"] == route.name
+        assert route.name is not None
+        assert route.handler is OPERATIONS_BY_NAME[route.name].handler
+    assert len(OPERATIONS_BY_NAME) == len(OPERATIONS) == len(registered)
 
 
 def test_path_parameters_match_the_routes(settings: ApiSettings) -> None:

@@ -36,12 +36,12 @@ from packaging.utils import canonicalize_name
 from pydantic_settings import BaseSettings
 
 from services.api.settings import ApiSettings
-from services.api.tls import server_ssl_context
 from services.backup.settings import BackupSettings, S3Settings
 from services.controller.settings import ControllerSettings
 from services.gateway_auth.pki import init_pki
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.shared.settings import DatabaseSettings, KafkaSettings, PkiLocation
+from services.shared.web.tls import server_ssl_context
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 COMPOSE_FILE: Final = REPO_ROOT / "docker-compose.yml"
@@ -760,7 +760,9 @@ def api_like_server(pki: Path) -> Iterator[int]:
         edge_ca=pki / "internal-ca.pem",
     )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.socket = server_ssl_context(settings).wrap_socket(server.socket, server_side=True)
+    server.socket = server_ssl_context(
+        settings.tls_cert, settings.tls_key, settings.edge_ca
+    ).wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
