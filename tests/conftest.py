@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services.gateway_auth.pki import CertificateAuthority, load_issuing_ca
+from services.gateway_auth.ca import CertificateAuthority
+from services.gateway_auth.pki import load_issuing_ca
 from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment
 from tests.support.stack import FleetEnv, Stack, prepare_template

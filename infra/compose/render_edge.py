@@ -10,7 +10,8 @@ which is checked in because the nginx image has no renderer.
     python infra/compose/render_edge.py          # rewrite edge.conf
     python infra/compose/render_edge.py --check  # exit 1 if edge.conf is stale
 
-tests/unit/compose runs the check, so a template change without a re-render fails.
+tests/integration/test_compose_processes.py runs the check, so a template change without a
+re-render fails.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ from aiohttp import web
 
 from services.api.longpoll import CommandPoller, CommandSignals
 from services.api.metrics import ApiMetrics
-from services.api.operators import OperatorAuthenticator
 from services.api.repository import FleetRepository
 from services.api.revocation_watch import RevocationWatch
 from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
+from services.shared.operator_auth import OperatorAuthenticator
 from services.shared.web.middlewares import REQUEST_ID as REQUEST_ID
 
 SETTINGS: Final = web.AppKey("settings", ApiSettings)

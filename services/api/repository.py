@@ -15,6 +15,7 @@ from services.api.settings import ApiSettings
 from services.shared.commands import Command, CommandResource
 from services.shared.db import create_engine, pool_use
 from services.shared.identity import AgentIdentity
+from services.shared.operator_auth import StoredOperatorKey
 from services.shared.schema import (
     agent_status,
     commands,
@@ -35,16 +36,6 @@ class EventStatus:
     status: Literal["applied", "rejected"]
     reason: str | None
     applied_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class StoredOperatorKey:
-    """An operator key that is not revoked, as gateway_auth stored it."""
-
-    key_id: str
-    secret_sha256: bytes
-    customer_id: str | None
-    """None: the key may act on every customer."""
 
 
 @dataclass(frozen=True, slots=True)

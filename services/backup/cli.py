@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Final, Protocol
 
 from services.backup import (
     verb_backup,
@@ -31,7 +32,23 @@ logger = logging.getLogger("services.backup")
 EXIT_FAILED = 1
 EXIT_BUSY = 75
 
-VERBS = (verb_backup, verb_list, verb_restore, verb_verify, verb_prune, verb_schedule)
+
+class Verb(Protocol):
+    """A verb module: its docstring's first line is the help, the whole of it the description."""
+
+    def arguments(self, p: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace, ctx: Context) -> int: ...
+
+
+VERBS: Final[Mapping[str, Verb]] = {
+    "backup": verb_backup,
+    "list": verb_list,
+    "restore": verb_restore,
+    "verify": verb_verify,
+    "prune": verb_prune,
+    "schedule": verb_schedule,
+}
 
 
 def make_context() -> Context:
@@ -47,8 +64,12 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--loglevel", default="INFO")
     verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb in VERBS:
-        verb.register(verbs)
+    for name, verb in VERBS.items():
+        doc = verb.__doc__ or ""
+        summary = doc.split("\n", 1)[0].rstrip(".")
+        p = verbs.add_parser(name, help=summary[:1].lower() + summary[1:], description=doc)
+        verb.arguments(p)
+        p.set_defaults(run=verb.run)
     return top
 
 

@@ -79,6 +79,7 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         try:
             self._job()
+        # Whatever ends the job, the thread that joins this one re-raises it.
         except BaseException as e:
             self.error = e
 

@@ -4,8 +4,9 @@ Every transfer goes through boto3's managed transfer (multipart with a bounded
 number of parts in memory) and botocore's standard retry mode: no retry or
 multipart code of our own. A multipart upload becomes visible only when it is
 completed, so an interrupted backup never leaves a partial object; s3transfer
-aborts the upload when the failure lets it reach the server, and ``abort_uploads``
-cleans up after the ones it could not (a killed process, a server that was down).
+aborts the upload when the failure lets it reach the server, and
+``jobs.abort_open_uploads`` (``open_uploads`` and ``abort`` here) cleans up after
+the ones it could not (a killed process, a server that was down).
 """
 
 from __future__ import annotations

@@ -1,22 +1,19 @@
-"""``backup``: dump one consistent snapshot to the bucket, with its manifest."""
+"""Take a backup now.
+
+pg_dump (custom format) of one exported snapshot, encrypted with age when
+FLEETPLANE_BACKUP_AGE_RECIPIENT (or an identity) is set, streamed to the bucket with a
+manifest. Refused (exit 75) while another backup of the database runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from services.backup import jobs
 
 
-def register(verbs: Any) -> None:
-    p = verbs.add_parser(
-        "backup",
-        help="take a backup now",
-        description="pg_dump (custom format) of one exported snapshot, encrypted with age "
-        "when FLEETPLANE_BACKUP_AGE_RECIPIENT (or an identity) is set, streamed to the "
-        "bucket with a manifest. Refused (exit 75) while another backup of the database runs.",
-    )
-    p.set_defaults(run=run)
+def arguments(p: argparse.ArgumentParser) -> None:
+    """No options."""
 
 
 def run(args: argparse.Namespace, ctx: jobs.Context) -> int:

@@ -1,21 +1,19 @@
-"""``list``: the backups in the bucket, newest first."""
+"""List backups.
+
+The backups of the database in the bucket, newest first, with age, size, encryption
+and verification.
+"""
 
 from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
-from typing import Any
 
 from services.backup import jobs
 
 
-def register(verbs: Any) -> None:
-    p = verbs.add_parser(
-        "list",
-        help="list backups",
-        description="Backups of the database with age, size, encryption and verification.",
-    )
-    p.set_defaults(run=run)
+def arguments(p: argparse.ArgumentParser) -> None:
+    """No options."""
 
 
 def _age(seconds: float) -> str:

@@ -1,23 +1,19 @@
-"""``prune``: apply the retention policy."""
+"""Delete backups outside the retention policy.
+
+Keeps the newest FLEETPLANE_BACKUP_KEEP_LAST backups, the newest of each of the last
+KEEP_DAILY days and KEEP_WEEKLY ISO weeks, and always the newest verified backup;
+aborts multipart uploads left by interrupted backups.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from services.backup import jobs
 
 
-def register(verbs: Any) -> None:
-    p = verbs.add_parser(
-        "prune",
-        help="delete backups outside the retention policy",
-        description="Keeps the newest FLEETPLANE_BACKUP_KEEP_LAST backups, the newest of "
-        "each of the last KEEP_DAILY days and KEEP_WEEKLY ISO weeks, and always the newest "
-        "verified backup; aborts multipart uploads left by interrupted backups.",
-    )
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, ctx: jobs.Context) -> int:

@@ -1,26 +1,22 @@
-"""``restore``: a backup into a database, made safe to run against the live Kafka topic."""
+"""Restore a backup into a database, made safe to run against the live Kafka topic.
+
+Checks the object's sha256 and the key, refuses a non-empty target (unless --force)
+and a backup older than Kafka's retention, runs pg_restore, upgrades the schema to the
+newest revision, moves the epoch and command id sequences past anything the lost
+database issued, and replays the identity journal (revocations, certificates, used
+tokens, CAs, operator keys). Stored offsets are kept, so restarted controllers replay
+the events accepted after the backup from Kafka. See docs/runbooks/restore.md.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from services.backup import jobs, postgres
 from services.shared.settings import KafkaSettings
 
 
-def register(verbs: Any) -> None:
-    p = verbs.add_parser(
-        "restore",
-        help="restore a backup",
-        description="Checks the object's sha256 and the key, refuses a non-empty target "
-        "(unless --force) and a backup older than Kafka's retention, runs pg_restore, "
-        "upgrades the schema to the newest revision, moves the epoch and command id "
-        "sequences past anything the lost database issued, and replays the identity "
-        "journal (revocations, certificates, used tokens, CAs, operator keys). Stored "
-        "offsets are kept, so restarted controllers replay the events accepted after the "
-        "backup from Kafka. See docs/runbooks/restore.md.",
-    )
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backup", default="latest", help="backup id (default: the newest)")
     p.add_argument(
         "--target",
@@ -29,7 +25,6 @@ def register(verbs: Any) -> None:
     p.add_argument(
         "--force", action="store_true", help="replace the contents of a non-empty target"
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, ctx: jobs.Context) -> int:

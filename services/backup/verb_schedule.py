@@ -1,9 +1,13 @@
-"""``schedule``: backup, verify and prune on a cron expression, serving /metrics.
+"""Run backup, verify and prune on a schedule, serving /metrics.
 
-For the native stack. In Kubernetes the one-shot verbs run as CronJobs instead;
-the gauges here are read back from the manifests in the bucket (not from this
-process's memory), so the same numbers come out whoever took the backups.
+Runs backup, then verify of that backup, then prune, at each time of
+FLEETPLANE_BACKUP_SCHEDULE (cron syntax); serves Prometheus metrics on
+FLEETPLANE_BACKUP_METRICS_HOST:PORT. Stops on SIGTERM or SIGINT.
 """
+
+# For the native stack. In Kubernetes the one-shot verbs run as CronJobs instead;
+# the gauges here are read back from the manifests in the bucket (not from this
+# process's memory), so the same numbers come out whoever took the backups.
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import logging
 import signal
 import threading
 from datetime import UTC, datetime
-from typing import Any
 
 from croniter import croniter
 from prometheus_client import CollectorRegistry, start_http_server
@@ -26,14 +29,7 @@ from services.shared import metrics
 logger = logging.getLogger(__name__)
 
 
-def register(verbs: Any) -> None:
-    p = verbs.add_parser(
-        "schedule",
-        help="run backup, verify and prune on a schedule, serving /metrics",
-        description="Runs backup, then verify of that backup, then prune, at each time of "
-        "FLEETPLANE_BACKUP_SCHEDULE (cron syntax); serves Prometheus metrics on "
-        "FLEETPLANE_BACKUP_METRICS_HOST:PORT. Stops on SIGTERM or SIGINT.",
-    )
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cron", help="cron expression (default: FLEETPLANE_BACKUP_SCHEDULE)")
     p.add_argument(
         "--port", type=int, help="metrics port (default: FLEETPLANE_BACKUP_METRICS_PORT)"
@@ -45,7 +41,6 @@ def register(verbs: Any) -> None:
         help="run nothing: serve the metrics read back from the bucket, refreshed every "
         "minute (the exporter beside CronJobs that run the one-shot verbs)",
     )
-    p.set_defaults(run=run)
 
 
 class Gauges:

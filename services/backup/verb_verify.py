@@ -1,24 +1,20 @@
-"""``verify``: restore a backup into a scratch database and compare it with its manifest."""
+"""Test-restore a backup.
+
+Restores the newest (or a named) backup into a scratch database, compares every
+table's row count and checksum with the manifest (taken from the dump's own
+snapshot), drops the scratch database and records the result in the bucket. Exit 1
+when they differ.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from services.backup import jobs
 
 
-def register(verbs: Any) -> None:
-    p = verbs.add_parser(
-        "verify",
-        help="test-restore a backup",
-        description="Restores the newest (or a named) backup into a scratch database, "
-        "compares every table's row count and checksum with the manifest (taken from the "
-        "dump's own snapshot), drops the scratch database and records the result in the "
-        "bucket. Exit 1 when they differ.",
-    )
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backup", default="latest", help="backup id (default: the newest)")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, ctx: jobs.Context) -> int:

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from services.gateway_auth import handlers
 from services.gateway_auth.admission import admission
-from services.gateway_auth.keys import METRICS, SERVICE, SETTINGS, STORE, TRUST
+from services.gateway_auth.keys import METRICS, OPERATORS, SERVICE, SETTINGS, STORE, TRUST
 from services.gateway_auth.service import GatewayMetrics, IdentityService, IssuingCa, TrustKeeper
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
@@ -33,6 +33,7 @@ from services.shared.channels import IDENTITY_CHANNEL
 from services.shared.db import create_engine
 from services.shared.identity_journal import IdentityJournal
 from services.shared.notify import psycopg_follower, reloading
+from services.shared.operator_auth import OperatorAuthenticator
 from services.shared.web.middlewares import http_middlewares
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ def create_app(settings: GatewayAuthSettings) -> web.Application:
         engine = create_engine(settings.database, application_name="fleetplane-gateway-auth")
         journal = IdentityJournal(settings.kafka.kafka_bootstrap, settings.kafka.identity_topic)
         await journal.start()
-        app[STORE] = IdentityStore(engine, journal)
+        app[STORE] = store = IdentityStore(engine, journal)
+        # No cache: a revoked key stops at once here (the API caches for a second).
+        app[OPERATORS] = OperatorAuthenticator(store, cache_s=0)
         try:
             yield
         finally:

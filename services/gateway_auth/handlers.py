@@ -12,7 +12,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from services.gateway_auth import expiry
-from services.gateway_auth.keys import METRICS, REQUEST_ID, SERVICE, SETTINGS, STORE, TRUST
+from services.gateway_auth.keys import (
+    METRICS,
+    OPERATORS,
+    REQUEST_ID,
+    SERVICE,
+    SETTINGS,
+    STORE,
+    TRUST,
+)
 from services.gateway_auth.models import (
     AuditItem,
     AuditList,
@@ -25,6 +33,7 @@ from services.gateway_auth.models import (
     TokenRequest,
 )
 from services.gateway_auth.service import IssuedAgentCertificate
+from services.gateway_auth.store import NewToken
 from services.shared.db import pool_use
 from services.shared.edge_auth import (
     agent_certificate_from_request,
@@ -32,13 +41,11 @@ from services.shared.edge_auth import (
     operator_credentials_from_request,
 )
 from services.shared.identity_journal import JournalUnavailable
-from services.shared.operator_keys import secret_matches
 from services.shared.params import limit_param, path_id
 from services.shared.problems import (
     FieldError,
     Forbidden,
     NotFound,
-    OperatorUnauthenticated,
     ServiceUnavailable,
     Unauthenticated,
     ValidationFailed,
@@ -94,14 +101,10 @@ async def _operator(request: web.Request) -> tuple[str, str]:
         request.headers.items(), _peer_cert(request), edge_cn=request.app[SETTINGS].edge_client_cn
     )
     with _database(request):
-        stored = await request.app[STORE].operator_key(credentials.key_id)
-    if stored is None or not secret_matches(credentials.secret, stored.secret_sha256):
-        raise OperatorUnauthenticated("the operator key is unknown, revoked or wrong")
+        key = await request.app[OPERATORS].authenticate(credentials)
     customer_id = path_id("customer_id", request.match_info["customer_id"])
-    if stored.customer_id is not None and stored.customer_id != customer_id:
-        # The same answer as for a customer that does not exist: nothing leaks.
-        raise NotFound("no such customer")
-    return f"operator:{stored.key_id}", customer_id
+    key.require_customer(customer_id)
+    return f"operator:{key.key_id}", customer_id
 
 
 async def create_token(request: web.Request) -> web.Response:
@@ -114,14 +117,10 @@ async def create_token(request: web.Request) -> web.Response:
             "ttl_s is too long",
             errors=(FieldError("ttl_s", f"must be at most {settings.token_ttl_max_s}"),),
         )
+    new = NewToken((customer_id, body.environment_id, body.agent_id), ttl_s, actor)
     with _database(request):
         token, token_id, expires_at = await request.app[SERVICE].create_token(
-            customer_id=customer_id,
-            environment_id=body.environment_id,
-            agent_id=body.agent_id,
-            ttl_s=ttl_s,
-            created_by=actor,
-            request_id=request[REQUEST_ID],
+            new, request_id=request[REQUEST_ID]
         )
     return _json(
         TokenCreated(

@@ -13,14 +13,16 @@ CA rotation, step by step (docs/threat-model.md, "Agent identity lifecycle"):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 
-import psycopg
+from sqlalchemy import func, select
 
-from services.shared.identity_journal import JournalUnavailable, append_once
-from services.shared.revocations import IDENTITY_CHANNEL
+from services.shared.channels import IDENTITY_CHANNEL
+from services.shared.db import sync_transaction
+from services.shared.identity_journal import JournalUnavailable, append_from_tool
+from services.shared.schema import issuing_cas
 from services.shared.settings import DatabaseSettings, KafkaSettings
 
 
@@ -30,21 +32,20 @@ def retire(dsn: str, subject_dn: str, after_s: float, kafka: KafkaSettings | Non
     With ``kafka``, the change is appended to the identity journal before the
     commit, so a restore of an older backup does not trust the CA again.
     """
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "UPDATE issuing_cas SET retire_at = now() + make_interval(secs => %s) "
-            "WHERE subject_dn = %s RETURNING retire_at",
-            (after_s, subject_dn),
-        ).fetchone()
-        if kafka is not None and row is not None:
-            entry = {"subject_dn": subject_dn, "retire_at": row[0]}
-            asyncio.run(
-                append_once(
-                    kafka.kafka_bootstrap, kafka.identity_topic, "issuer_retired", subject_dn, entry
-                )
-            )
-        conn.execute("SELECT pg_notify(%s, 'issuer')", (IDENTITY_CHANNEL,))
-        return row is not None
+    i = issuing_cas.c
+    statement = (
+        issuing_cas.update()
+        .where(i.subject_dn == subject_dn)
+        .values(retire_at=func.now() + timedelta(seconds=after_s))
+        .returning(i.retire_at)
+    )
+    with sync_transaction(dsn) as conn:
+        retire_at = conn.execute(statement).scalar_one_or_none()
+        if retire_at is not None:
+            entry = {"subject_dn": subject_dn, "retire_at": retire_at}
+            append_from_tool(kafka, "issuer_retired", subject_dn, entry)
+        conn.execute(select(func.pg_notify(IDENTITY_CHANNEL, "issuer")))
+        return retire_at is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,10 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dsn = DatabaseSettings().libpq_dsn
     if args.verb == "list":
-        with psycopg.connect(dsn) as conn:
-            for dn, added_at, retire_at in conn.execute(
-                "SELECT subject_dn, added_at, retire_at FROM issuing_cas ORDER BY added_at"
-            ):
+        i = issuing_cas.c
+        listing = select(i.subject_dn, i.added_at, i.retire_at).order_by(i.added_at)
+        with sync_transaction(dsn) as conn:
+            for dn, added_at, retire_at in conn.execute(listing):
                 print(f"{dn}\tadded {added_at}\tretire {retire_at or '-'}")
         return 0
     try:

@@ -7,14 +7,15 @@ The token is printed once; only a hash of its secret is kept.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 
-import psycopg
+from sqlalchemy import func, select
 
-from services.shared.identity_journal import JournalUnavailable, append_once
+from services.shared.db import sync_transaction
+from services.shared.identity_journal import JournalUnavailable, append_from_tool
 from services.shared.operator_keys import new_key
+from services.shared.schema import operator_keys
 from services.shared.settings import DatabaseSettings, KafkaSettings
 
 
@@ -25,48 +26,34 @@ def create(dsn: str, name: str, customer_id: str | None, kafka: KafkaSettings | 
     commit, so a restore of an older backup brings it back.
     """
     key = new_key()
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "INSERT INTO operator_keys (key_id, name, secret_sha256, customer_id) "
-            "VALUES (%s, %s, %s, %s) RETURNING created_at",
-            (key.key_id, name, key.secret_sha256, customer_id),
-        ).fetchone()
-        if kafka is not None and row is not None:
-            entry = {
-                "key_id": key.key_id,
-                "name": name,
-                "secret_sha256": key.secret_sha256,
-                "customer_id": customer_id,
-                "created_at": row[0],
-            }
-            asyncio.run(
-                append_once(
-                    kafka.kafka_bootstrap, kafka.identity_topic, "operator_key", key.key_id, entry
-                )
-            )
+    row = {
+        "key_id": key.key_id,
+        "name": name,
+        "secret_sha256": key.secret_sha256,
+        "customer_id": customer_id,
+    }
+    statement = operator_keys.insert().values(row).returning(operator_keys.c.created_at)
+    with sync_transaction(dsn) as conn:
+        created_at = conn.execute(statement).scalar_one()
+        append_from_tool(kafka, "operator_key", key.key_id, row | {"created_at": created_at})
     return key.token
 
 
 def revoke(dsn: str, key_id: str, kafka: KafkaSettings | None = None) -> bool:
     """Revoke a key; with ``kafka``, journaled before the commit (see ``create``)."""
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "UPDATE operator_keys SET revoked_at = now() WHERE key_id = %s AND revoked_at IS NULL "
-            "RETURNING revoked_at",
-            (key_id,),
-        ).fetchone()
-        if kafka is not None and row is not None:
-            entry = {"key_id": key_id, "revoked_at": row[0]}
-            asyncio.run(
-                append_once(
-                    kafka.kafka_bootstrap,
-                    kafka.identity_topic,
-                    "operator_key_revoked",
-                    key_id,
-                    entry,
-                )
-            )
-        return row is not None
+    k = operator_keys.c
+    statement = (
+        operator_keys.update()
+        .where(k.key_id == key_id, k.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+        .returning(k.revoked_at)
+    )
+    with sync_transaction(dsn) as conn:
+        revoked_at = conn.execute(statement).scalar_one_or_none()
+        if revoked_at is not None:
+            entry = {"key_id": key_id, "revoked_at": revoked_at}
+            append_from_tool(kafka, "operator_key_revoked", key_id, entry)
+        return revoked_at is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,11 +82,12 @@ def _run(args: argparse.Namespace, dsn: str, kafka: KafkaSettings) -> int:
     if args.verb == "create":
         print(create(dsn, args.name, None if args.all_customers else args.customer, kafka))
     elif args.verb == "list":
-        with psycopg.connect(dsn) as conn:
-            for row in conn.execute(
-                "SELECT key_id, name, coalesce(customer_id, '*'), created_at, revoked_at "
-                "FROM operator_keys ORDER BY created_at"
-            ):
+        k = operator_keys.c
+        listing = select(
+            k.key_id, k.name, func.coalesce(k.customer_id, "*"), k.created_at, k.revoked_at
+        ).order_by(k.created_at)
+        with sync_transaction(dsn) as conn:
+            for row in conn.execute(listing):
                 print("\t".join("" if v is None else str(v) for v in row))
     elif not revoke(dsn, args.key_id, kafka):
         print(f"no active key {args.key_id}", file=sys.stderr)

@@ -1,5 +1,8 @@
 """Development PKI: every CA, server and client certificate the native stack needs.
 
+Set-up and rotation tooling and its CLI (the running service uses only
+``ca.CertificateAuthority``).
+
 Two separate trust chains, so that an agent certificate can never authenticate
 the internal edge->API hop and the edge's client certificate can never pass as
 an agent:
@@ -30,22 +33,29 @@ import argparse
 import ipaddress
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from functools import partial
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from services.shared.identity import AgentIdentity
+# AGENT_VALIDITY is named here too for the tools that issue agent certificates from
+# the PKI folder (bench/).
+from services.gateway_auth.ca import AGENT_VALIDITY as AGENT_VALIDITY
+from services.gateway_auth.ca import (
+    SERVER_VALIDITY,
+    SPIFFE_TRUST_DOMAIN,
+    CertificateAuthority,
+    IssuedCertificate,
+    cert_pem,
+    subject_name,
+    write_atomically,
+)
 
 ROOT_CA: Final = "root-ca"
 ISSUING_CA: Final = "issuing-ca"
@@ -58,288 +68,15 @@ EDGE_SERVER_CHAIN: Final = "edge-server-chain.pem"
 EDGE_CLIENT_CN: Final = "fleetplane-edge"
 OFFLINE_DIR_NAME: Final = "pki-offline"
 RETIRED_DIR_NAME: Final = "retired"
-
-# RFC 5280 name constraints match a URI by its host, so this admits exactly the
-# spiffe://fleetplane/... names: the issuing CA cannot mint identities elsewhere.
-SPIFFE_TRUST_DOMAIN: Final = "fleetplane"
-
-CA_VALIDITY: Final = timedelta(days=3650)
-SERVER_VALIDITY: Final = timedelta(days=365)
-AGENT_VALIDITY: Final = timedelta(days=1)
 # Server certificates this close to expiry are reissued by `init`, so a long-lived
 # checkout does not break one morning.
 RENEW_BEFORE: Final = timedelta(days=30)
-# Backdating absorbs small clock differences between issuer and verifier.
-CLOCK_SKEW: Final = timedelta(minutes=5)
 
 _LOCAL_NAMES: Final[tuple[x509.GeneralName, ...]] = (
     x509.DNSName("localhost"),
     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
     x509.IPAddress(ipaddress.ip_address("::1")),
 )
-
-
-class IssuedCertificate(NamedTuple):
-    certificate_pem: bytes
-    private_key_pem: bytes
-
-
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert_pem(certificate: x509.Certificate) -> bytes:
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Fleetplane Dev"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-def _validity(valid_for: timedelta, not_before: datetime | None) -> tuple[datetime, datetime]:
-    if valid_for <= timedelta(0):
-        raise ValueError(f"validity must be positive, got {valid_for}")
-    if not_before is None:
-        now = datetime.now(UTC)
-        return now - CLOCK_SKEW, now + valid_for
-    return not_before, not_before + valid_for
-
-
-def _ca_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _leaf_key_usage() -> x509.KeyUsage:
-    # ECDHE suites only need the key to sign the handshake.
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Replace `path` atomically, so a concurrent reader never sees half a PEM file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o600 if private else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@dataclass(frozen=True)
-class CertificateAuthority:
-    """A CA certificate with its key; load once and issue many certificates."""
-
-    certificate: x509.Certificate
-    private_key: ec.EllipticCurvePrivateKey
-
-    @classmethod
-    def load(cls, cert_path: Path, key_path: Path | None = None) -> CertificateAuthority:
-        """Load `<name>.pem` and its key (by default `<name>.key` beside it)."""
-        key_path = key_path or cert_path.with_suffix(".key")
-        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{key_path}: expected an EC private key")
-        if key.public_key() != certificate.public_key():
-            raise ValueError(f"{key_path} does not belong to {cert_path}")
-        return cls(certificate, key)
-
-    @classmethod
-    def create_root(
-        cls,
-        common_name: str,
-        *,
-        path_length: int | None,
-        valid_for: timedelta = CA_VALIDITY,
-    ) -> CertificateAuthority:
-        """A fresh self-signed CA."""
-        key = _new_key()
-        subject = _name(common_name)
-        not_before, not_after = _validity(valid_for, None)
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
-            .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(certificate, key)
-
-    @cached_property
-    def _authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
-        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
-
-    @property
-    def certificate_pem(self) -> bytes:
-        return _cert_pem(self.certificate)
-
-    def _builder(
-        self,
-        subject: x509.Name,
-        public_key: CertificatePublicKeyTypes,
-        valid_for: timedelta,
-        not_before: datetime | None,
-    ) -> x509.CertificateBuilder:
-        start, end = _validity(valid_for, not_before)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self.certificate.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._authority_key_identifier, critical=False)
-        )
-
-    def create_intermediate(
-        self,
-        common_name: str,
-        *,
-        permitted_uri_hosts: Sequence[str] = (),
-        valid_for: timedelta = CA_VALIDITY,
-    ) -> CertificateAuthority:
-        """A CA signed by this one that may sign only leaf certificates (pathlen 0)."""
-        key = _new_key()
-        builder = (
-            self._builder(_name(common_name), key.public_key(), valid_for, None)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
-        )
-        if permitted_uri_hosts:
-            constraints = x509.NameConstraints(
-                permitted_subtrees=[x509.UniformResourceIdentifier(h) for h in permitted_uri_hosts],
-                excluded_subtrees=None,
-            )
-            builder = builder.add_extension(constraints, critical=True)
-        return CertificateAuthority(builder.sign(self.private_key, hashes.SHA256()), key)
-
-    def issue(
-        self,
-        subject: x509.Name,
-        *,
-        names: Sequence[x509.GeneralName],
-        usage: x509.ObjectIdentifier,
-        valid_for: timedelta,
-        not_before: datetime | None = None,
-    ) -> IssuedCertificate:
-        """A leaf certificate with a new key, for one extended key usage."""
-        key = _new_key()
-        builder = (
-            self._builder(subject, key.public_key(), valid_for, not_before)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_leaf_key_usage(), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        certificate = builder.sign(self.private_key, hashes.SHA256())
-        return IssuedCertificate(_cert_pem(certificate), _key_pem(key))
-
-    def issue_agent(
-        self,
-        customer_id: str,
-        environment_id: str,
-        agent_id: str,
-        *,
-        valid_for: timedelta = AGENT_VALIDITY,
-        not_before: datetime | None = None,
-    ) -> IssuedCertificate:
-        """An agent client certificate with a new key; raises ValueError for a malformed id.
-
-        The ids go into the subject (nginx can read it) and into a SPIFFE URI SAN
-        (standard tooling reads that); `not_before` lets tests make expired ones.
-        """
-        identity = AgentIdentity(customer_id, environment_id, agent_id)
-        key = _new_key()
-        certificate = self.sign_agent_key(
-            identity, key.public_key(), valid_for=valid_for, not_before=not_before
-        )
-        return IssuedCertificate(_cert_pem(certificate), _key_pem(key))
-
-    def sign_agent_key(
-        self,
-        identity: AgentIdentity,
-        public_key: CertificatePublicKeyTypes,
-        *,
-        valid_for: timedelta = AGENT_VALIDITY,
-        not_before: datetime | None = None,
-    ) -> x509.Certificate:
-        """An agent client certificate for a key the agent holds (from its checked CSR).
-
-        The certificate's content comes from ``identity`` and this policy only:
-        nothing else a CSR asked for is copied.
-        """
-        return (
-            self._builder(agent_subject(identity), public_key, valid_for, not_before)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_leaf_key_usage(), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.spiffe_uri)]),
-                critical=False,
-            )
-            .sign(self.private_key, hashes.SHA256())
-        )
-
-    def save(self, pki_dir: Path, name: str) -> None:
-        _write(pki_dir / f"{name}.key", _key_pem(self.private_key), private=True)
-        _write(pki_dir / f"{name}.pem", self.certificate_pem)
-
-
-def agent_subject(identity: AgentIdentity) -> x509.Name:
-    """The subject DN of an agent certificate: O=customer, OU=environment, CN=agent."""
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.customer_id),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.environment_id),
-            x509.NameAttribute(NameOID.COMMON_NAME, identity.agent_id),
-        ]
-    )
 
 
 ROOT_CA_NAME: Final = "Fleetplane Dev Root CA"
@@ -357,7 +94,7 @@ def _signed_by(certificate: x509.Certificate, issuer: CertificateAuthority) -> b
 
 def _write_if_changed(path: Path, data: bytes, written: list[Path]) -> None:
     if not path.exists() or path.read_bytes() != data:
-        _write(path, data)
+        write_atomically(path, data)
         written.append(path)
 
 
@@ -407,10 +144,21 @@ def _ensure_leaf(
     cert_path, key_path = pki_dir / f"{name}.pem", pki_dir / f"{name}.key"
     if renew or not _leaf_is_current(cert_path, key_path, ca):
         issued = make()
-        _write(key_path, issued.private_key_pem, private=True)
-        _write(cert_path, issued.certificate_pem)
+        write_atomically(key_path, issued.private_key_pem, private=True)
+        write_atomically(cert_path, issued.certificate_pem)
         written += [key_path, cert_path]
     return cert_path.read_bytes()
+
+
+def _local_server(ca: CertificateAuthority) -> Callable[[], IssuedCertificate]:
+    """Issues a server certificate for this machine's loopback names."""
+    return partial(
+        ca.issue,
+        subject_name("localhost"),
+        names=_LOCAL_NAMES,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        valid_for=SERVER_VALIDITY,
+    )
 
 
 def _offline_dir(pki_dir: Path, offline_dir: Path | None) -> Path:
@@ -426,8 +174,8 @@ def _move_root_key_offline(pki_dir: Path, offline_dir: Path, written: list[Path]
     if target.exists():
         stray.unlink()
     else:
-        _write(target, stray.read_bytes(), private=True)
-        _write(offline_dir / f"{ROOT_CA}.pem", (pki_dir / f"{ROOT_CA}.pem").read_bytes())
+        write_atomically(target, stray.read_bytes(), private=True)
+        write_atomically(offline_dir / f"{ROOT_CA}.pem", (pki_dir / f"{ROOT_CA}.pem").read_bytes())
         stray.unlink()
         written.append(target)
 
@@ -452,7 +200,7 @@ def _write_agent_bundle(
     # nginx verifies agents against this bundle (ssl_verify_depth 2: agent, issuing,
     # root). Retired issuing CAs stay in it for their window; gateway_auth's edge
     # check refuses them once the window closed, so no nginx reload is needed.
-    retired = b"".join(_cert_pem(c) for c in retired_issuing_cas(pki_dir))
+    retired = b"".join(cert_pem(c) for c in retired_issuing_cas(pki_dir))
     _write_if_changed(
         pki_dir / AGENT_CA_BUNDLE, issuing.certificate_pem + retired + root_pem, written
     )
@@ -473,25 +221,15 @@ def init_pki(pki_dir: Path, *, offline_dir: Path | None = None, force: bool = Fa
     written: list[Path] = []
     _move_root_key_offline(pki_dir, offline, written)
 
-    root, new_root = _ensure_ca(
-        offline,
-        ROOT_CA,
-        lambda: CertificateAuthority.create_root(ROOT_CA_NAME, path_length=1),
-        parent=None,
-        renew=force,
-        written=written,
-    )
+    ensure_ca = partial(_ensure_ca, written=written)
+    make_root = partial(CertificateAuthority.create_root, ROOT_CA_NAME, path_length=1)
+    root, new_root = ensure_ca(offline, ROOT_CA, make_root, parent=None, renew=force)
     _write_if_changed(pki_dir / f"{ROOT_CA}.pem", root.certificate_pem, written)
-    issuing, new_issuing = _ensure_ca(
-        pki_dir,
-        ISSUING_CA,
-        lambda: root.create_intermediate(
-            ISSUING_CA_NAME, permitted_uri_hosts=[SPIFFE_TRUST_DOMAIN]
-        ),
-        parent=root,
-        renew=force or new_root,
-        written=written,
+    make_issuing = partial(
+        root.create_intermediate, ISSUING_CA_NAME, permitted_uri_hosts=[SPIFFE_TRUST_DOMAIN]
     )
+    renew = force or new_root
+    issuing, new_issuing = ensure_ca(pki_dir, ISSUING_CA, make_issuing, parent=root, renew=renew)
     if new_root:
         # Issuing CAs of the previous root cannot chain to the new one.
         for stale in (pki_dir / RETIRED_DIR_NAME).glob(f"{ISSUING_CA}-*.pem"):
@@ -501,52 +239,26 @@ def init_pki(pki_dir: Path, *, offline_dir: Path | None = None, force: bool = Fa
         pki_dir,
         EDGE_SERVER,
         issuing,
-        lambda: issuing.issue(
-            _name("localhost"),
-            names=_LOCAL_NAMES,
-            usage=ExtendedKeyUsageOID.SERVER_AUTH,
-            valid_for=SERVER_VALIDITY,
-        ),
+        _local_server(issuing),
         renew=force or new_issuing,
         written=written,
     )
     # Agents trust only root-ca.pem, so the edge must send the issuing CA along.
     _write_if_changed(pki_dir / EDGE_SERVER_CHAIN, edge_server + issuing.certificate_pem, written)
 
-    internal, new_internal = _ensure_ca(
-        pki_dir,
-        INTERNAL_CA,
-        lambda: CertificateAuthority.create_root(INTERNAL_CA_NAME, path_length=0),
-        parent=None,
-        renew=force,
-        written=written,
+    make_internal = partial(CertificateAuthority.create_root, INTERNAL_CA_NAME, path_length=0)
+    internal, new_internal = ensure_ca(
+        pki_dir, INTERNAL_CA, make_internal, parent=None, renew=force
     )
-    _ensure_leaf(
-        pki_dir,
-        API_SERVER,
-        internal,
-        lambda: internal.issue(
-            _name("localhost"),
-            names=_LOCAL_NAMES,
-            usage=ExtendedKeyUsageOID.SERVER_AUTH,
-            valid_for=SERVER_VALIDITY,
-        ),
-        renew=force or new_internal,
-        written=written,
+    edge_client = partial(
+        internal.issue,
+        subject_name(EDGE_CLIENT_CN),
+        names=(),
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        valid_for=SERVER_VALIDITY,
     )
-    _ensure_leaf(
-        pki_dir,
-        EDGE_CLIENT,
-        internal,
-        lambda: internal.issue(
-            _name(EDGE_CLIENT_CN),
-            names=(),
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-            valid_for=SERVER_VALIDITY,
-        ),
-        renew=force or new_internal,
-        written=written,
-    )
+    for name, make in ((API_SERVER, _local_server(internal)), (EDGE_CLIENT, edge_client)):
+        _ensure_leaf(pki_dir, name, internal, make, renew=force or new_internal, written=written)
     return written
 
 
@@ -569,7 +281,9 @@ def rotate_issuing_ca(
     )
     retired = pki_dir / RETIRED_DIR_NAME
     retired.mkdir(exist_ok=True)
-    _write(retired / f"{ISSUING_CA}-{old.certificate.serial_number:x}.pem", old.certificate_pem)
+    write_atomically(
+        retired / f"{ISSUING_CA}-{old.certificate.serial_number:x}.pem", old.certificate_pem
+    )
     new.save(pki_dir, ISSUING_CA)
     _write_agent_bundle(pki_dir, new, root.certificate_pem, [])
     return old.certificate, new.certificate
@@ -578,20 +292,6 @@ def rotate_issuing_ca(
 def load_issuing_ca(pki_dir: Path) -> CertificateAuthority:
     """The CA that signs agent certificates; load it once to issue many."""
     return CertificateAuthority.load(pki_dir / f"{ISSUING_CA}.pem")
-
-
-def issue_agent_certificate(
-    pki_dir: Path,
-    customer_id: str,
-    environment_id: str,
-    agent_id: str,
-    *,
-    valid_for: timedelta = AGENT_VALIDITY,
-) -> tuple[bytes, bytes]:
-    """(certificate PEM, private key PEM) for one agent; raises ValueError for a bad id."""
-    return load_issuing_ca(pki_dir).issue_agent(
-        customer_id, environment_id, agent_id, valid_for=valid_for
-    )
 
 
 def write_agent_certificate(
@@ -611,27 +311,9 @@ def write_agent_certificate(
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{customer_id}.{environment_id}.{agent_id}"
     cert_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
-    _write(key_path, issued.private_key_pem, private=True)
-    _write(cert_path, issued.certificate_pem)
+    write_atomically(key_path, issued.private_key_pem, private=True)
+    write_atomically(cert_path, issued.certificate_pem)
     return cert_path, key_path
-
-
-def issue_foreign_ca_agent(
-    customer_id: str,
-    environment_id: str,
-    agent_id: str,
-    *,
-    valid_for: timedelta = AGENT_VALIDITY,
-) -> tuple[bytes, bytes]:
-    """A well-formed agent certificate from a throwaway CA that nobody trusts.
-
-    The throwaway CA copies the real issuing CA's name, so only signature
-    verification (not a comparison of issuer names) can tell the two apart.
-    """
-    foreign = CertificateAuthority.create_root(
-        ISSUING_CA_NAME, path_length=0, valid_for=timedelta(days=2)
-    )
-    return foreign.issue_agent(customer_id, environment_id, agent_id, valid_for=valid_for)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

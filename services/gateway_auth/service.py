@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.gateway_auth.ca import CertificateAuthority
 from services.gateway_auth.csr import CsrRefused, check_csr
 from services.gateway_auth.names import NameCheck
-from services.gateway_auth.pki import CertificateAuthority
 from services.gateway_auth.problems import (
     CertificateRefused,
     EnrollmentTokenExpired,
@@ -29,7 +29,7 @@ from services.gateway_auth.problems import (
     InvalidEnrollmentToken,
     csr_problem,
 )
-from services.gateway_auth.store import CertificateRecord, IdentityStore, StoredToken
+from services.gateway_auth.store import CertificateRecord, IdentityStore, NewToken, StoredToken
 from services.shared import metrics as specs
 from services.shared.edge_auth import AgentCertificate
 from services.shared.identity import AgentIdentity
@@ -206,28 +206,12 @@ class IdentityService:
         await self._issuing_ca()
 
     async def create_token(
-        self,
-        *,
-        customer_id: str,
-        environment_id: str,
-        agent_id: str | None,
-        ttl_s: int,
-        created_by: str,
-        request_id: str | None,
+        self, new: NewToken, *, request_id: str | None
     ) -> tuple[str, str, datetime]:
         """(token, token id, expires_at); the token is shown once and only its hash is kept."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         token_id = secrets.token_hex(8)
-        expires_at = await self.store.create_token(
-            token=token,
-            token_id=token_id,
-            customer_id=customer_id,
-            environment_id=environment_id,
-            agent_id=agent_id,
-            ttl_s=ttl_s,
-            created_by=created_by,
-            request_id=request_id,
-        )
+        expires_at = await self.store.create_token(token, token_id, new, request_id=request_id)
         return token, token_id, expires_at
 
     def _refuse(self, problem: Exception, reason: str) -> Exception:

@@ -1,9 +1,14 @@
-"""Database engine factory shared by the services."""
+"""Database engines shared by the services (async) and their command-line tools (sync)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import sqlalchemy
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from services.shared.settings import DatabaseSettings
 
@@ -33,3 +38,21 @@ def pool_use(engine: AsyncEngine) -> dict[str, int]:
         # create_engine allows no overflow: the pool's size is the most it opens.
         "max": pool.size(),
     }
+
+
+@contextmanager
+def sync_transaction(libpq_dsn: str) -> Iterator[sqlalchemy.Connection]:
+    """One transaction on one new connection, for command-line tools.
+
+    Commits when the block ends without an exception (so whatever the block does
+    before it ends, such as a journal append, happens before the commit), rolls
+    back otherwise; the connection is closed either way.
+    """
+    engine = sqlalchemy.create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(libpq_dsn), poolclass=NullPool
+    )
+    try:
+        with engine.begin() as conn:
+            yield conn
+    finally:
+        engine.dispose()

@@ -23,6 +23,8 @@ from typing import Any, Final, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from services.shared.settings import KafkaSettings
+
 Kind = Literal[
     "revocation",
     "certificate",
@@ -84,10 +86,10 @@ class IdentityJournal:
             raise JournalUnavailable(f"identity journal {self.topic}: {e!r}") from e
 
 
-async def append_once(
+async def _append_once(
     bootstrap: str, topic: str, kind: Kind, key: str, row: Mapping[str, Any]
 ) -> None:
-    """One entry from a command-line tool (its own short-lived producer)."""
+    """One entry on a short-lived producer of its own."""
     journal = IdentityJournal(bootstrap, topic)
     try:
         await asyncio.wait_for(journal.start(), APPEND_TIMEOUT_S)
@@ -97,6 +99,19 @@ async def append_once(
         await journal.append(kind, key, row)
     finally:
         await journal.stop()
+
+
+def append_from_tool(
+    kafka: KafkaSettings | None, kind: Kind, key: str, row: Mapping[str, Any]
+) -> None:
+    """One entry from a command-line tool, before it commits; blocks until Kafka acknowledged.
+
+    Raises JournalUnavailable when Kafka cannot be reached (the caller's
+    transaction then rolls back). ``kafka`` None journals nothing: only tests that
+    set up the database without Kafka pass it.
+    """
+    if kafka is not None:
+        asyncio.run(_append_once(kafka.kafka_bootstrap, kafka.identity_topic, kind, key, row))
 
 
 async def read_all(bootstrap: str, topic: str) -> list[dict[str, Any]]:

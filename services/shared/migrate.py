@@ -1,7 +1,8 @@
 """Bring the database schema to the newest Alembic revision.
 
-``python -m services.shared.migrate`` upgrades the database named by
-``FLEETPLANE_DATABASE_URL``; it is idempotent and safe to run on every start.
+``python -m services.shared.migrate`` upgrades the database named by the
+``FLEETPLANE_DATABASE_*`` settings (``DatabaseSettings``); it is idempotent and
+safe to run on every start.
 """
 
 from __future__ import annotations

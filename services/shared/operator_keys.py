@@ -3,7 +3,8 @@
 A key is ``fpk_<key id>_<secret>``: the id (12 hex digits) finds the row, the
 secret (256 random bits) proves possession. Only SHA-256 of the secret is
 stored; a fast hash is enough because the secret is random, not a password.
-gateway_auth creates and revokes keys; the API verifies them.
+``python -m services.gateway_auth.operator_keys`` creates and revokes keys; the API and
+gateway_auth each verify them for their operator routes.
 """
 
 from __future__ import annotations

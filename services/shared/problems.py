@@ -1,7 +1,8 @@
 """The services' error hierarchy and its RFC 9457 ``application/problem+json`` rendering.
 
-Code anywhere in the API raises a ``Problem`` subclass; the error middleware is
-the one place that turns it (or any other exception) into a response. Each class
+Code in the API and in gateway_auth raises a ``Problem`` subclass; in each service
+its error middleware is the one place that turns it (or any other exception) into
+a response. Each class
 fixes the status, a stable ``type`` URI and a title; ``detail`` says what was
 wrong with this request and how to fix it.
 """

@@ -23,9 +23,12 @@ from datetime import datetime
 from typing import Any, Final
 
 import psycopg
+from sqlalchemy import Select, exists, or_, select
+from sqlalchemy.dialects.postgresql.base import PGDialect
 
 from services.shared.channels import IDENTITY_CHANNEL as IDENTITY_CHANNEL
 from services.shared.identity import AgentIdentity
+from services.shared.schema import agent_certificates, issuing_cas, revocations
 
 REVOKED: Final = "the client certificate was revoked"
 UNKNOWN_ISSUER: Final = "the client certificate's issuing CA is not trusted"
@@ -106,16 +109,32 @@ class TrustState:
         return None
 
 
-_REVOCATIONS_SQL: Final = (
-    "SELECT customer_id, environment_id, agent_id, revoked_at FROM revocations ORDER BY revoked_at"
+def _sql(statement: Select[Any]) -> str:
+    """A Core statement as SQL text for a plain psycopg connection.
+
+    The callers load the state on the connection that LISTENs to
+    ``IDENTITY_CHANNEL`` (SQLAlchemy has no LISTEN, and a pooled connection
+    cannot hold one), so the statements are written in Core against the shared
+    tables and compiled once; none takes a parameter.
+    """
+    # SQLAlchemy leaves the dialect constructors unannotated.
+    return str(statement.compile(dialect=PGDialect()))  # type: ignore[no-untyped-call]
+
+
+_r, _c = revocations.c, agent_certificates.c
+_REVOCATIONS_SQL: Final = _sql(
+    select(_r.customer_id, _r.environment_id, _r.agent_id, _r.revoked_at).order_by(_r.revoked_at)
 )
-_COVERED_CERTIFICATES_SQL: Final = (
-    "SELECT c.serial, c.issued_at FROM agent_certificates c WHERE EXISTS ("
-    " SELECT 1 FROM revocations r WHERE r.customer_id = c.customer_id"
-    " AND r.environment_id = c.environment_id"
-    " AND (r.agent_id IS NULL OR r.agent_id = c.agent_id))"
+_COVERED_CERTIFICATES_SQL: Final = _sql(
+    select(_c.serial, _c.issued_at).where(
+        exists().where(
+            _r.customer_id == _c.customer_id,
+            _r.environment_id == _c.environment_id,
+            or_(_r.agent_id.is_(None), _r.agent_id == _c.agent_id),
+        )
+    )
 )
-_ISSUERS_SQL: Final = "SELECT subject_dn, retire_at FROM issuing_cas"
+_ISSUERS_SQL: Final = _sql(select(issuing_cas.c.subject_dn, issuing_cas.c.retire_at))
 
 
 async def load_trust_state(connection: psycopg.AsyncConnection[Any]) -> TrustState:

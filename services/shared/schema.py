@@ -1,7 +1,8 @@
 """PostgreSQL tables, as SQLAlchemy Core metadata.
 
-Fleet state (everything here but the gateway_auth tables, which that service adds
-in its own migrations) has exactly one writer: the controller that owns the
+Fleet state (everything here but gateway_auth's tables: operator_keys,
+enrollment_tokens, agent_certificates, revocations, issuing_cas and identity_audit)
+has exactly one writer: the controller that owns the
 customer's partition. The API only reads it. Alembic migrations under
 ``services/shared/migrations`` create these tables; this module must match them
 (a test compares the two).

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from services.gateway_auth import names
-from services.gateway_auth.pki import CertificateAuthority, agent_subject
+from services.gateway_auth.ca import CertificateAuthority, agent_subject
 from services.shared.identity import AgentIdentity
 from tests.support.agents import AgentClient, agent_ssl_context
 from tests.support.deployment import Deployment

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -143,4 +142,3 @@ async def test_poison_on_the_topic_goes_to_dead_letters_and_the_partition_moves_
     with psycopg.connect(deployment.fleet.stack.admin_dsn(deployment.fleet.database_name)) as conn:
         count = conn.execute("SELECT count(*) FROM event_records").fetchone()
     assert count == (2,)
-    await asyncio.sleep(0)

@@ -14,11 +14,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
 
-from services.gateway_auth.pki import CertificateAuthority, issue_foreign_ca_agent
+from services.gateway_auth.ca import CertificateAuthority
 from services.shared.identity import AgentIdentity
 from tests.support.agents import AgentClient, agent_ssl_context
 from tests.support.deployment import Deployment
+from tests.support.foreign_ca import issue_foreign_ca_agent
 from tests.support.operators import OperatorClient
 from tests.support.waiting import eventually
 
@@ -48,6 +50,7 @@ async def test_edge_refuses_a_request_without_client_certificate(deployment: Dep
     )
     assert status == 401
     assert body["status"] == 401
+    assert await events_answered_by_apis(deployment) == 0
 
 
 async def assert_refused(
@@ -58,15 +61,38 @@ async def assert_refused(
     cert.write_bytes(cert_pem)
     key.write_bytes(key_pem)
     context = agent_ssl_context(deployment.fleet.stack.pki_dir, cert, key)
-    try:
-        status, body = await post(
-            context, f"{deployment.fleet.stack.edge_url}/v1/events", json={"events": [HEARTBEAT]}
-        )
-    except aiohttp.ClientError:
-        return  # refused during the handshake: also a refusal
-    # nginx refuses a certificate it cannot verify with its 401 problem.
+    before = await events_answered_by_apis(deployment)
+    status, body = await post(
+        context, f"{deployment.fleet.stack.edge_url}/v1/events", json={"events": [HEARTBEAT]}
+    )
+    # nginx completes the handshake (ssl_verify_client records the failure rather
+    # than aborting it) and answers a certificate it cannot verify with its 401
+    # problem, without proxying the request.
     assert status == 401, body
     assert body["status"] == 401
+    assert await events_answered_by_apis(deployment) == before
+
+
+async def events_answered_by_apis(deployment: Deployment) -> float:
+    """How many requests to /v1/events the running APIs have answered, read from their /metrics."""
+    total = 0.0
+    for port in deployment.apis:
+        async with (
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=deployment.api_ssl_context())
+            ) as session,
+            session.get(f"https://127.0.0.1:{port}/metrics") as reply,
+        ):
+            assert reply.status == 200
+            text = await reply.text()
+        for family in text_string_to_metric_families(text):
+            if family.name == "fleetplane_api_requests":
+                total += sum(
+                    s.value
+                    for s in family.samples
+                    if s.name.endswith("_total") and s.labels.get("route") == "/v1/events"
+                )
+    return total
 
 
 async def test_edge_refuses_a_certificate_from_another_ca(
@@ -220,6 +246,8 @@ async def test_edge_refuses_a_revoked_certificate(
     agent: AgentClient = agents("acme", "prod", "agent-1")
     neighbour: AgentClient = agents("acme", "prod", "agent-2")
     assert (await agent.post_events([agent.heartbeat()]))[0] == 202
+    # The count assert_refused compares does see a request the edge lets through.
+    assert await events_answered_by_apis(deployment) == 1
     operator = OperatorClient(stack.pki_dir, deployment.operator_key("acme"), stack.operator_url)
     status, body = await operator.request(
         "POST",

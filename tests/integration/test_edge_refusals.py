@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.gateway_auth.pki import CertificateAuthority, write_agent_certificate
+from services.gateway_auth.ca import CertificateAuthority
+from services.gateway_auth.pki import write_agent_certificate
 from tests.support.agents import AgentClient, agent_ssl_context
 from tests.support.deployment import Deployment
 from tests.support.operators import OperatorClient

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from services.gateway_auth.pki import CertificateAuthority, write_agent_certificate
+from services.gateway_auth.ca import CertificateAuthority
+from services.gateway_auth.pki import write_agent_certificate
 from tests.support.edge_probe import EdgeProbe
 from tests.support.scanners import gotestwaf, run_gotestwaf, run_sslyze
 from tests.support.stack import Stack

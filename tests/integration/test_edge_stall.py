@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from services.gateway_auth.pki import CertificateAuthority, write_agent_certificate
+from services.gateway_auth.ca import CertificateAuthority
+from services.gateway_auth.pki import write_agent_certificate
 from tests.support.agents import agent_ssl_context
 from tests.support.deployment import Deployment
 from tests.support.rawhttp import RawConnection, RawResponse, request_bytes

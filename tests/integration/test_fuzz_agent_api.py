@@ -56,7 +56,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from services.api.openapi import OPERATIONS, build_openapi
-from services.gateway_auth.pki import CertificateAuthority, write_agent_certificate
+from services.gateway_auth.ca import CertificateAuthority
+from services.gateway_auth.pki import write_agent_certificate
 from services.shared.commands import MAX_WAIT_S
 from services.shared.events import EventId
 from tests.support.agents import AgentClient

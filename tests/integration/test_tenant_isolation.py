@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from services.api import routes as api_routes
-from services.gateway_auth.pki import CertificateAuthority
+from services.gateway_auth.ca import CertificateAuthority
 from services.shared.operator_keys import parse_token
 from tests.support.agents import AgentClient
 from tests.support.deployment import Deployment

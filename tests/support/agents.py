@@ -11,7 +11,8 @@ from typing import Any
 
 import aiohttp
 
-from services.gateway_auth.pki import CertificateAuthority, write_agent_certificate
+from services.gateway_auth.ca import CertificateAuthority
+from services.gateway_auth.pki import write_agent_certificate
 
 
 def agent_ssl_context(pki_dir: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:

@@ -27,3 +27,18 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout_s} s; last: {result!r}")
         await asyncio.sleep(interval_s)
+
+
+async def until(
+    condition: Callable[[], bool], *, timeout_s: float = 5.0, what: str = "condition"
+) -> None:
+    """Let the event loop run until ``condition()`` holds; AssertionError at the deadline.
+
+    For state in this process (a task reached its wait, a list grew): the
+    condition is checked about every millisecond.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s} s")
+        await asyncio.sleep(0.001)

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +29,13 @@ from services.api.repository import (
     EnvironmentRow,
     EventStatus,
     PendingCommands,
-    StoredOperatorKey,
 )
 from services.api.revocation_watch import RevocationWatch
 from services.api.service import KafkaHeaders
 from services.api.settings import ApiSettings
 from services.shared.commands import Command
 from services.shared.identity import AgentIdentity
+from services.shared.operator_auth import StoredOperatorKey
 from services.shared.operator_keys import NewKey, new_key
 from services.shared.settings import DatabaseSettings, KafkaSettings
 from services.shared.web.tls import server_ssl_context
@@ -361,12 +361,3 @@ async def problem(response: aiohttp.ClientResponse, status: int) -> dict[str, An
     assert body["detail"]
     assert body["request_id"] == response.headers["X-Request-Id"]
     return body
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    """Return once ``condition()`` holds; fail after ``timeout_s``."""
-    for _ in range(int(timeout_s / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not met in time")

@@ -10,6 +10,7 @@ from sqlalchemy.exc import OperationalError
 from services.api.keys import SIGNALS
 from services.api.longpoll import NEXT_POLL_S
 from services.api.settings import ApiSettings
+from tests.support.waiting import until
 
 from .conftest import (
     AGENT,
@@ -17,7 +18,6 @@ from .conftest import (
     FakeProducer,
     FakeRepository,
     Pki,
-    eventually,
     problem,
     serve,
 )
@@ -64,7 +64,7 @@ async def test_waiting_poll_is_woken_by_its_environment_not_another(
     assert edge.app is not None
     signals = edge.app[SIGNALS]
     poll = asyncio.create_task(edge.get("/v1/commands?wait=10", headers=AGENT))
-    await eventually(lambda: signals.waiting == 1)
+    await until(lambda: signals.waiting == 1)
     repository.commands[("acme", "staging")] = [command(5)]
     assert signals.notify_payload("acme/staging") == 0
     repository.commands[("other", "prod")] = [command(6)]
@@ -127,7 +127,7 @@ async def test_shutdown_answers_waiting_polls_instead_of_cutting_them_off(
         assert client.app is not None
         signals = client.app[SIGNALS]
         poll = asyncio.create_task(client.get("/v1/commands?wait=20", headers=AGENT))
-        await eventually(lambda: signals.waiting == 1)
+        await until(lambda: signals.waiting == 1)
         started = time.monotonic()
         await client.server.close()
         response = await asyncio.wait_for(poll, 5)

@@ -19,6 +19,7 @@ from services.api.longpoll import (
 from services.api.repository import PendingCommands
 from services.shared.commands import MAX_WAIT_S, Command, CommandResource
 from services.shared.problems import ValidationFailed
+from tests.support.waiting import until
 
 from .conftest import FakeRepository
 
@@ -125,12 +126,11 @@ async def test_thousands_of_waiters_are_cheap_and_woken_selectively() -> None:
                 woken.append(index)
 
     tasks = [asyncio.create_task(wait(i)) for i in range(2000)]
-    await asyncio.sleep(0.05)
-    assert signals.waiting == 2000
+    await until(lambda: signals.waiting == 2000, what="2000 waiters subscribed")
     started = time.perf_counter()
     assert signals.notify("acme", "env-7") == 20
     assert time.perf_counter() - started < 0.01
-    await asyncio.sleep(0.05)
+    await until(lambda: len(woken) == 20, what="the 20 notified waiters woken")
     assert sorted(woken) == list(range(7, 2000, 100))
     assert signals.wake_all() == 1980
     await asyncio.gather(*tasks)
@@ -159,13 +159,13 @@ async def test_waiting_poll_is_woken_by_its_environment_only() -> None:
     repository = FakeRepository()
     signals = CommandSignals()
     task = asyncio.create_task(poller(repository, signals).poll("acme", "prod", 10))
-    await asyncio.sleep(0.05)
+    await until(lambda: signals.waiting == 1, what="the poll waiting")
     assert repository.command_queries == [("acme", "prod")]
 
     # Another environment's commands and notification: not woken, no query.
     repository.commands[("acme", "staging")] = [command(5)]
     assert signals.notify_payload("acme/staging") == 0
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # sleep-ok: shows that nothing happens in that time
     assert not task.done()
     assert len(repository.command_queries) == 1
 
@@ -202,10 +202,9 @@ async def test_a_notification_that_finds_nothing_keeps_the_poll_waiting() -> Non
     repository = FakeRepository()
     signals = CommandSignals()
     task = asyncio.create_task(poller(repository, signals).poll("acme", "prod", 0.6))
-    await asyncio.sleep(0.05)
+    await until(lambda: signals.waiting == 1, what="the poll waiting")
     signals.notify("acme", "prod")  # e.g. a command already superseded
-    await asyncio.sleep(0.05)
-    assert len(repository.command_queries) == 2
+    await until(lambda: len(repository.command_queries) == 2, what="the second query")
     assert not task.done()
     reply = await asyncio.wait_for(task, 1)
     assert reply.commands == []
@@ -235,7 +234,7 @@ async def test_held_back_command_wakes_the_poll_when_due() -> None:
     repository = FakeRepository(next_due_in_s={("acme", "prod"): 0.2})
     signals = CommandSignals()
     task = asyncio.create_task(poller(repository, signals).poll("acme", "prod", 5))
-    await asyncio.sleep(0.05)
+    await until(lambda: signals.waiting == 1, what="the poll waiting")
     repository.commands[("acme", "prod")] = [command(4)]
     del repository.next_due_in_s[("acme", "prod")]
     started = time.monotonic()
@@ -251,11 +250,10 @@ async def test_wake_all_makes_every_poll_query_again() -> None:
         asyncio.create_task(poller(repository, signals).poll("acme", f"env-{i}", 5))
         for i in range(3)
     ]
-    await asyncio.sleep(0.05)
+    await until(lambda: signals.waiting == 3, what="three polls waiting")
     repository.commands[("acme", "env-1")] = [command(1)]
     assert signals.wake_all() == 3
-    await asyncio.sleep(0.05)
-    assert len(repository.command_queries) == 6
+    await until(lambda: len(repository.command_queries) == 6, what="every poll queried again")
     assert tasks[1].done()
     assert [c.id for c in tasks[1].result().commands] == [1]
     signals.close()

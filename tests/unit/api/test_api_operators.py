@@ -6,9 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.api.operators import OperatorAuthenticator, OperatorKey, environment_views, liveness
-from services.api.repository import EnvironmentRow, StoredOperatorKey
+from services.api.operators import environment_views, liveness
+from services.api.repository import EnvironmentRow
 from services.shared.edge_auth import OperatorCredentials
+from services.shared.operator_auth import OperatorAuthenticator, OperatorKey, StoredOperatorKey
 from services.shared.operator_keys import NewKey, new_key
 from services.shared.problems import NotFound, OperatorUnauthenticated
 

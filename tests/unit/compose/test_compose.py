@@ -2,34 +2,27 @@
 
 Nothing here builds or starts a container. Instead the compose file is validated
 against the Compose Specification's JSON schema, its wiring (dependencies, health
-checks, ports, mounts) is checked, every entry point it names is run with
-``--help`` in this virtualenv, and every service's ``environment:`` block is
+checks, ports, mounts) is checked, and every service's ``environment:`` block is
 loaded through the settings classes the service really uses, so a typo, a wrong
 host or a port that does not match the edge fails here and not in someone's
-``docker compose up``.
+``docker compose up``. Running the entry points with ``--help``, the health
+check script and the edge renderer needs processes: tests/integration/test_compose_processes.py.
 """
 
 from __future__ import annotations
 
 import base64
-import http.server
 import importlib.metadata
 import json
 import os
 import re
-import shlex
-import subprocess
-import sys
-import threading
 import tomllib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import jsonschema
 import pytest
-import yaml
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -38,18 +31,21 @@ from pydantic_settings import BaseSettings
 from services.api.settings import ApiSettings
 from services.backup.settings import BackupSettings, S3Settings
 from services.controller.settings import ControllerSettings
-from services.gateway_auth.pki import init_pki
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.shared.settings import DatabaseSettings, KafkaSettings, PkiLocation
-from services.shared.web.tls import server_ssl_context
+from tests.support.compose import (
+    COMPOSE,
+    REPO_ROOT,
+    SERVICES,
+    dockerfile_instructions,
+    dockerfile_json,
+    invocations,
+    our_services,
+    parsed_invocations,
+)
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[3]
-COMPOSE_FILE: Final = REPO_ROOT / "docker-compose.yml"
-DOCKERFILE: Final = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE: Final = REPO_ROOT / ".dockerignore"
 EDGE_CONF: Final = REPO_ROOT / "infra" / "compose" / "edge.conf"
-RENDER_EDGE: Final = REPO_ROOT / "infra" / "compose" / "render_edge.py"
-HEALTHCHECK_SCRIPT: Final = REPO_ROOT / "infra" / "compose" / "healthcheck.py"
 NATIVE_KAFKA_SCRIPT: Final = REPO_ROOT / "infra" / "local" / "kafka.sh"
 # Shared project data beside the checkout (as CI lays it out too); used in place.
 COMPOSE_SCHEMA: Final = REPO_ROOT.parent / "shared" / "compose-schema" / "compose-spec.json"
@@ -100,87 +96,6 @@ _S = TypeVar("_S", bound=BaseSettings)
 # --- loading ------------------------------------------------------------------
 
 
-def _load_compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE_FILE.read_text())
-    assert isinstance(data, dict), f"{COMPOSE_FILE} is not a YAML mapping"
-    return data
-
-
-COMPOSE: Final = _load_compose()
-SERVICES: Final[dict[str, dict[str, Any]]] = COMPOSE["services"]
-
-
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    instructions = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keyword, _, rest = line.partition(" ")
-            instructions.append((keyword.upper(), rest.strip()))
-    return instructions
-
-
-def _dockerfile_json(keyword: str) -> list[str]:
-    """The last exec-form (JSON) value of ENTRYPOINT or CMD, as Docker uses it."""
-    values = [rest for kw, rest in _dockerfile_instructions() if kw == keyword]
-    assert values, f"Dockerfile has no {keyword}"
-    parsed = json.loads(values[-1])
-    assert isinstance(parsed, list), f"Dockerfile {keyword} must use the exec (JSON) form"
-    return [str(part) for part in parsed]
-
-
-def _argv(value: str | list[Any]) -> list[str]:
-    return shlex.split(value) if isinstance(value, str) else [str(part) for part in value]
-
-
-def _our_services() -> list[str]:
-    """Services built from this repository's Dockerfile."""
-    return [name for name, service in SERVICES.items() if "build" in service]
-
-
-def _effective_argv(service: dict[str, Any]) -> list[str]:
-    # Docker's rule: a service that sets its own entrypoint drops the image's CMD.
-    if "entrypoint" in service:
-        return _argv(service["entrypoint"]) + _argv(service.get("command", []))
-    command = _argv(service["command"]) if "command" in service else _dockerfile_json("CMD")
-    return _dockerfile_json("ENTRYPOINT") + command
-
-
-@dataclass(frozen=True)
-class Invocation:
-    module: str
-    args: list[str]
-
-
-def _python_module(words: list[str]) -> Invocation:
-    if (
-        len(words) < 3
-        or PurePosixPath(words[0]).name not in {"python", "python3"}
-        or words[1] != "-m"
-    ):
-        raise AssertionError(f"not a `python -m MODULE` command: {shlex.join(words)}")
-    return Invocation(words[2], words[3:])
-
-
-def _invocations(service_name: str) -> list[Invocation]:
-    """The Python modules a service runs, with their arguments, in order."""
-    argv = _effective_argv(SERVICES[service_name])
-    if PurePosixPath(argv[0]).name in {"sh", "bash"} and argv[1:2] == ["-c"]:
-        # A shell script of `python -m ...` steps joined by && or ;.
-        lexer = shlex.shlex(argv[2], posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        steps: list[list[str]] = [[]]
-        for token in lexer:
-            if token in {"&&", ";"}:
-                steps.append([])
-            else:
-                steps[-1].append(token)
-        return [_python_module(step) for step in steps]
-    return [_python_module(argv)]
-
-
 def _environment(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment", {})
     if isinstance(env, list):
@@ -188,18 +103,9 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     return {key: "" if value is None else str(value) for key, value in env.items()}
 
 
-def _parsed_invocations(service_name: str) -> list[Invocation]:
-    """Like _invocations, but empty when the command cannot be read, so collecting
-    the parametrised tests never errors: test_our_services_run_known_modules reports it."""
-    try:
-        return _invocations(service_name)
-    except AssertionError:
-        return []
-
-
 def _settings_classes(service_name: str) -> list[type[BaseSettings]]:
     classes: list[type[BaseSettings]] = []
-    for invocation in _parsed_invocations(service_name):
+    for invocation in parsed_invocations(service_name):
         for cls in SETTINGS_BY_MODULE.get(invocation.module, ()):
             if cls not in classes:
                 classes.append(cls)
@@ -257,9 +163,7 @@ def _kafka(loaded: dict[type[BaseSettings], BaseSettings]) -> KafkaSettings | No
 
 def _services_running(module: str) -> list[str]:
     return [
-        name
-        for name in _our_services()
-        if any(i.module == module for i in _parsed_invocations(name))
+        name for name in our_services() if any(i.module == module for i in parsed_invocations(name))
     ]
 
 
@@ -420,54 +324,19 @@ def test_volumes_and_bind_mounts_exist() -> None:
 # --- our image's entry points and settings -------------------------------------
 
 
-@pytest.mark.parametrize("service_name", _our_services())
+@pytest.mark.parametrize("service_name", our_services())
 def test_our_services_run_known_modules(service_name: str) -> None:
-    modules = [i.module for i in _invocations(service_name)]
+    modules = [i.module for i in invocations(service_name)]
     assert modules
     unknown = [m for m in modules if m not in SETTINGS_BY_MODULE]
     assert not unknown, f"{service_name} runs {unknown}: add them to SETTINGS_BY_MODULE"
 
 
-def _invocation_params() -> list[Any]:
-    params = []
-    for name in _our_services():
-        for invocation in _parsed_invocations(name):
-            params.append(pytest.param(name, invocation, id=f"{name}:{invocation.module}"))
-    return params
-
-
-@pytest.mark.parametrize(("service_name", "invocation"), _invocation_params())
-def test_entry_point_answers_help(
-    service_name: str, invocation: Invocation, tmp_path: Path
-) -> None:
-    # Proves the module exists, imports, and accepts the compose arguments. Kafka
-    # and PostgreSQL point at a closed port, so an entry point that ignores --help
-    # fails fast instead of touching a running stack.
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLEETPLANE_")}
-    env |= {
-        "PYTHONPATH": str(REPO_ROOT),
-        "FLEETPLANE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
-        "FLEETPLANE_DATABASE_HOST": "127.0.0.1",
-        "FLEETPLANE_DATABASE_PORT": "1",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", invocation.module, *invocation.args, "--help"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"{service_name}: exit {result.returncode}\n{result.stderr}"
-    assert "usage:" in result.stdout, f"{service_name}: no usage text\n{result.stdout}"
-
-
 def _services_with_settings() -> list[str]:
-    return [name for name in _our_services() if _settings_classes(name)]
+    return [name for name in our_services() if _settings_classes(name)]
 
 
-@pytest.mark.parametrize("service_name", _our_services())
+@pytest.mark.parametrize("service_name", our_services())
 def test_environment_has_only_variables_the_service_reads(service_name: str) -> None:
     known = set().union(*(_env_names(cls) for cls in _settings_classes(service_name)))
     unknown = sorted(
@@ -573,17 +442,6 @@ def test_controllers_are_one_group_with_their_own_names_and_checks() -> None:
 # --- the edge -----------------------------------------------------------------
 
 
-def test_edge_config_is_rendered_from_the_current_template() -> None:
-    result = subprocess.run(
-        [sys.executable, str(RENDER_EDGE), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-
-
 def test_edge_publishes_exactly_what_it_listens_on() -> None:
     text = EDGE_CONF.read_text()
     listens = {int(p) for p in re.findall(r"^\s*listen\s+(\d+)\b", text, re.M)}
@@ -593,7 +451,7 @@ def test_edge_publishes_exactly_what_it_listens_on() -> None:
 
 
 def test_edge_runs_as_the_uid_that_owns_the_pki_keys() -> None:
-    runs = " ".join(rest for kw, rest in _dockerfile_instructions() if kw == "RUN")
+    runs = " ".join(rest for kw, rest in dockerfile_instructions() if kw == "RUN")
     uid = re.search(r"useradd\b[^&]*?--uid\s+(\d+)", runs)
     gid = re.search(r"groupadd\b[^&]*?--gid\s+(\d+)", runs)
     assert uid, "the Dockerfile creates its user with a fixed uid"
@@ -649,12 +507,12 @@ def test_kafka_cluster_id_is_a_kraft_uuid() -> None:
 
 
 def test_dockerfile_builds_a_non_root_python_311_image() -> None:
-    instructions = _dockerfile_instructions()
+    instructions = dockerfile_instructions()
     assert [rest for kw, rest in instructions if kw == "FROM"] == ["python:3.11-slim-bookworm"]
     users = [rest for kw, rest in instructions if kw == "USER"]
     assert users
     assert users[-1] not in {"root", "0"}
-    assert _dockerfile_json("ENTRYPOINT") == ["python", "-m"]
+    assert dockerfile_json("ENTRYPOINT") == ["python", "-m"]
     # Build tools would stay in the image: every dependency must come as a wheel
     # or pure Python.
     runs = " ".join(rest for kw, rest in instructions if kw == "RUN")
@@ -670,10 +528,10 @@ def test_image_has_pg_dump_of_the_server_major_version() -> None:
     server = SERVICES["postgres"]["image"]
     major = re.fullmatch(r"postgres:(\d+)(\.\d+)*", server)
     assert major, server
-    runs = " ".join(rest for kw, rest in _dockerfile_instructions() if kw == "RUN")
+    runs = " ".join(rest for kw, rest in dockerfile_instructions() if kw == "RUN")
     assert f"postgresql-client-{major[1]}" in runs
     # Debian 12 (bookworm) carries PostgreSQL 15; an unpinned tag would move.
-    froms = [rest for kw, rest in _dockerfile_instructions() if kw == "FROM"]
+    froms = [rest for kw, rest in dockerfile_instructions() if kw == "FROM"]
     assert all(f.endswith("-bookworm") for f in froms), froms
     assert BackupSettings().pg_bin == Path(f"/usr/lib/postgresql/{major[1]}/bin")
 
@@ -684,7 +542,7 @@ def test_dockerignore_lets_through_everything_the_dockerfile_copies() -> None:
     assert "*" in lines
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     copied = []
-    for keyword, rest in _dockerfile_instructions():
+    for keyword, rest in dockerfile_instructions():
         if keyword == "COPY":
             words = [w for w in rest.split() if not w.startswith("--")]
             copied += words[:-1]
@@ -726,89 +584,3 @@ def _marker_applies(marker: Marker | None, extras: frozenset[str]) -> bool:
     if marker is None:
         return True
     return any(marker.evaluate({"extra": extra}) for extra in extras | {""})
-
-
-# --- the health check script -------------------------------------------------
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        status = 200 if self.path == "/healthz" else 503
-        body = b'{"status":"ok"}' if status == 200 else b'{"status":"sick"}'
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # keep pytest's output clean
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Path:
-    directory = tmp_path / "pki"
-    init_pki(directory)
-    return directory
-
-
-@pytest.fixture
-def api_like_server(pki: Path) -> Iterator[int]:
-    """An HTTPS server with the API's own TLS set-up and the development PKI."""
-    settings = ApiSettings(
-        tls_cert=pki / "api-server.pem",
-        tls_key=pki / "api-server.key",
-        edge_ca=pki / "internal-ca.pem",
-    )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.socket = server_ssl_context(
-        settings.tls_cert, settings.tls_key, settings.edge_ca
-    ).wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(HEALTHCHECK_SCRIPT), "--timeout", "5", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def test_healthcheck_passes_on_a_verified_2xx(api_like_server: int, pki: Path) -> None:
-    url = f"https://127.0.0.1:{api_like_server}/healthz"
-    result = _healthcheck("--cafile", str(pki / "internal-ca.pem"), url)
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.parametrize(
-    ("cafile", "path"),
-    [
-        pytest.param("root-ca.pem", "/healthz", id="certificate-from-another-ca"),
-        pytest.param("internal-ca.pem", "/sick", id="non-2xx-answer"),
-    ],
-)
-def test_healthcheck_fails(api_like_server: int, pki: Path, cafile: str, path: str) -> None:
-    url = f"https://127.0.0.1:{api_like_server}{path}"
-    result = _healthcheck("--cafile", str(pki / cafile), url)
-    assert result.returncode == 1, result.stderr
-    assert "unhealthy" in result.stderr
-
-
-def test_healthcheck_fails_when_nothing_listens() -> None:
-    result = _healthcheck("http://127.0.0.1:1/healthz")
-    assert result.returncode == 1
-    assert "unhealthy" in result.stderr
-
-
-def test_healthcheck_needs_a_ca_for_https() -> None:
-    result = _healthcheck("https://127.0.0.1:1/healthz")
-    assert result.returncode == 2
-    assert "--cafile" in result.stderr

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from services.gateway_auth import names
-from services.gateway_auth.pki import CertificateAuthority, agent_subject
+from services.gateway_auth.ca import CertificateAuthority, agent_subject
 from services.gateway_auth.service import GatewayMetrics, TrustKeeper
 from services.shared.edge_auth import AgentCertificate
 from services.shared.identity import AgentIdentity

@@ -4,7 +4,7 @@ connection; drops reconnect, wake all and reload."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import psycopg
@@ -12,17 +12,9 @@ import psycopg
 from services.api.longpoll import CommandSignals
 from services.shared.channels import COMMANDS_CHANNEL, IDENTITY_CHANNEL
 from services.shared.notify import Channel, NotifyFollower
+from tests.support.waiting import until
 
 IDENTITY_RELOAD_S = 5.0
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    """Return once ``condition()`` holds; fail after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 @dataclass
@@ -120,7 +112,7 @@ async def test_notifications_wake_the_named_environment() -> None:
         assert connection.channels == [COMMANDS_CHANNEL, IDENTITY_CHANNEL]
         with signals.subscribe("acme", "prod") as prod, signals.subscribe("acme", "dev") as dev:
             connection.inbox.put_nowait((COMMANDS_CHANNEL, "acme/prod"))
-            await eventually(lambda: prod.signalled)
+            await until(lambda: prod.signalled)
             connection.inbox.put_nowait(("other_channel", "acme/dev"))
             connection.inbox.put_nowait((COMMANDS_CHANNEL, "not a payload"))
             await asyncio.sleep(0.05)
@@ -136,7 +128,7 @@ async def test_a_dropped_connection_reconnects_and_wakes_everyone() -> None:
         with signals.subscribe("acme", "prod") as prod, signals.subscribe("other", "x") as other:
             server.refuse = 2  # the database is briefly unreachable
             server.connections[0].inbox.put_nowait(psycopg.OperationalError("server closed"))
-            await eventually(lambda: running.connections == 2)
+            await until(lambda: running.connections == 2)
             # Notifications sent while nobody listened are lost: every poll re-queries.
             assert prod.signalled
             assert other.signalled
@@ -150,10 +142,10 @@ async def test_a_silent_dead_connection_is_detected_by_ping() -> None:
     signals = CommandSignals()
     async with listener(server, signals, health_interval_s=0.05).running() as running:
         await asyncio.wait_for(running.listening.wait(), 1)
-        await eventually(lambda: server.connections[0].pings >= 2)
+        await until(lambda: server.connections[0].pings >= 2)
         assert running.connections == 1
         server.connections[0].ping_error = OSError("no route to host")
-        await eventually(lambda: running.connections == 2)
+        await until(lambda: running.connections == 2)
         assert server.connections[0].closed
 
 
@@ -161,7 +153,7 @@ async def test_the_listener_starts_while_the_database_is_down() -> None:
     server = FakeServer(refuse=1_000_000)
     signals = CommandSignals()
     async with listener(server, signals).running() as running:
-        await eventually(lambda: server.attempts >= 3)
+        await until(lambda: server.attempts >= 3)
         assert not running.listening.is_set()
         server.refuse = 0
         await asyncio.wait_for(running.listening.wait(), 1)
@@ -180,12 +172,12 @@ async def test_both_channels_share_one_connection_and_identity_reloads_once_per_
             connection.inbox.put_nowait((IDENTITY_CHANNEL, "revocation:1"))
         with signals.subscribe("acme", "prod") as prod:
             connection.inbox.put_nowait((COMMANDS_CHANNEL, "acme/prod"))
-            await eventually(lambda: prod.signalled)
-        await eventually(lambda: len(reloads.connections) == 2)
+            await until(lambda: prod.signalled)
+        await until(lambda: len(reloads.connections) == 2)
         # Commands keep flowing after the reload, and cost none.
         with signals.subscribe("acme", "dev") as dev:
             connection.inbox.put_nowait((COMMANDS_CHANNEL, "acme/dev"))
-            await eventually(lambda: dev.signalled)
+            await until(lambda: dev.signalled)
         # The burst of five cost one reload.
         assert reloads.connections == [connection, connection]
         assert len(server.connections) == 1
@@ -198,9 +190,9 @@ async def test_identity_reloads_on_its_interval_and_after_every_reconnect() -> N
     async with listener(
         server, signals, reloads=reloads, reload_interval_s=0.05
     ).running() as running:
-        await eventually(lambda: len(reloads.connections) >= 3)
+        await until(lambda: len(reloads.connections) >= 3)
         server.connections[0].inbox.put_nowait(psycopg.OperationalError("server closed"))
-        await eventually(lambda: running.connections == 2)
+        await until(lambda: running.connections == 2)
         assert reloads.connections[-1] is server.connections[1]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from bench.simulator.transport import Reply
 from services.shared.commands import CommandsReply
 from services.shared.events import EventBatch
 from services.shared.identity import AgentIdentity
+from tests.support.waiting import until
 
 from .fakes import RecordingSleep, ScriptedTransport, accepted, command
 
@@ -29,16 +29,6 @@ class ZeroRandom(random.Random):
 
     def random(self) -> float:
         return 0.0
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Let the agent's tasks run until ``condition`` holds; fail after ``timeout_s``."""
-    step_s = 0.01
-    for _ in range(int(timeout_s / step_s)):
-        if condition():
-            return
-        await asyncio.sleep(step_s)
-    raise AssertionError(f"condition not met within {timeout_s}s")
 
 
 def test_pause_after_poll() -> None:

@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives import serialization
 
 from bench.simulator.renewal import RENEW_PATH, Renewer, renew_delay_s
 from bench.simulator.transport import Reply
+from services.gateway_auth.ca import CertificateAuthority
 from services.gateway_auth.csr import check_csr
-from services.gateway_auth.pki import CertificateAuthority, init_pki, load_issuing_ca
+from services.gateway_auth.pki import init_pki, load_issuing_ca
 from services.shared.identity import AgentIdentity
 
 IDENTITY = AgentIdentity("cust-0", "env-0", "agent-0")
