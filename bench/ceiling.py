@@ -1,4 +1,4 @@
-"""Section ``ceiling``: what one controller and one edge+API path can carry.
+"""Section ``ceiling``: what one controller can carry.
 
 - ``apply_events_per_s``: one controller applying a pre-filled topic of heartbeats
   (12 partitions, 200 customers) into PostgreSQL (no HTTP), measured from the first
@@ -7,18 +7,15 @@
   alone; the medians of the controller's batch-size and apply-duration histograms;
 - ``apply_db_only_events_per_s``: the same heartbeat batches through the same SQL
   (``store.apply_batch``) in a plain loop from memory, the database's share alone,
-  and ``apply_vs_db_only``, the controller's rate over it;
-- ``accept_rps``: nginx + two API processes accepting single-event POSTs into
-  Kafka (no controller), driven by vegeta over mutual TLS for a fixed duration.
+  and ``apply_vs_db_only``, the controller's rate over it.
+
+What the edge and the API accept is the ``accept`` section's (bench/accept.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import statistics
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -32,11 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.vegeta import vegeta
 from services.controller.handlers import Decoded, DecodedChange, Delivered, Poison, decode
 from services.controller.ownership import Claim, take_epoch
 from services.controller.store import BatchPart, apply_batch
-from services.gateway_auth.pki import load_issuing_ca, write_agent_certificate
 from services.shared import metrics as m
 from tests.support.deployment import Deployment
 from tests.support.records import (
@@ -61,8 +56,6 @@ ONE_PARTITION_EVENTS = 12_000
 """One hot customer alone, so one partition: that partition's ceiling."""
 BATCH_MAX = 500
 """The controller's default ``batch_max_records``; the database-only loop batches alike."""
-ACCEPT_DURATION_S = 15
-ACCEPT_WORKERS = 32
 RUNS = 3
 
 Workload = list[tuple[str, dict[str, Any]]]
@@ -260,41 +253,6 @@ def db_only_once(stack: Stack, log_dir: Path, workload: Workload | None = None) 
         deployment.close()
 
 
-def accept_once(stack: Stack, log_dir: Path, work: Path) -> dict[str, float]:
-    deployment = Deployment(FleetEnv.new(stack, partitions=12), log_dir).create()
-    try:
-        deployment.start_apis()
-        ca = load_issuing_ca(stack.pki_dir)
-        cert, key = write_agent_certificate(ca, work, "bench", "prod", "agent-1")
-        body = work / "event.json"
-        body.write_text(
-            json.dumps(
-                {
-                    "events": [
-                        {
-                            "id": "bench-1",
-                            "boot_id": "boot-1",
-                            "seq": 1,
-                            "type": "heartbeat",
-                            "payload": {"agent_version": "1.4.2", "health": "ok"},
-                        }
-                    ]
-                }
-            )
-        )
-        return vegeta.attack(
-            url=f"{stack.edge_url}/v1/events",
-            body=body,
-            cert=cert,
-            key=key,
-            root_ca=stack.pki_dir / "root-ca.pem",
-            duration_s=ACCEPT_DURATION_S,
-            workers=ACCEPT_WORKERS,
-        )
-    finally:
-        deployment.close()
-
-
 def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
     prepare_template(stack)
     log_dir = stack.run_dir / "bench-logs"
@@ -304,21 +262,17 @@ def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
     mixed_rates: list[float] = []
     one_partition_rates: list[float] = []
     db_only_rates: list[float] = []
-    accept_runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        # Interleaved, so a burst of load from elsewhere on the machine lands on
-        # every figure rather than on one.
-        for i in range(RUNS):
-            print(f"  ceiling run {i + 1}/{RUNS}: apply", flush=True)
-            apply_runs.append(apply_once(stack, log_dir, beats))
-            print(f"  ceiling run {i + 1}/{RUNS}: apply, database only", flush=True)
-            db_only_rates.append(db_only_once(stack, log_dir, beats))
-            print(f"  ceiling run {i + 1}/{RUNS}: apply, mixed", flush=True)
-            mixed_rates.append(apply_once(stack, log_dir, mix).events_per_s)
-            print(f"  ceiling run {i + 1}/{RUNS}: apply, one partition", flush=True)
-            one_partition_rates.append(apply_once(stack, log_dir, one_customer).events_per_s)
-            print(f"  ceiling run {i + 1}/{RUNS}: accept", flush=True)
-            accept_runs.append(accept_once(stack, log_dir, Path(tmp)))
+    # Interleaved, so a burst of load from elsewhere on the machine lands on every
+    # figure rather than on one.
+    for i in range(RUNS):
+        print(f"  ceiling run {i + 1}/{RUNS}: apply", flush=True)
+        apply_runs.append(apply_once(stack, log_dir, beats))
+        print(f"  ceiling run {i + 1}/{RUNS}: apply, database only", flush=True)
+        db_only_rates.append(db_only_once(stack, log_dir, beats))
+        print(f"  ceiling run {i + 1}/{RUNS}: apply, mixed", flush=True)
+        mixed_rates.append(apply_once(stack, log_dir, mix).events_per_s)
+        print(f"  ceiling run {i + 1}/{RUNS}: apply, one partition", flush=True)
+        one_partition_rates.append(apply_once(stack, log_dir, one_customer).events_per_s)
     apply_rates = [r.events_per_s for r in apply_runs]
     apply_median = statistics.median(apply_rates)
     db_only_median = statistics.median(db_only_rates)
@@ -342,11 +296,6 @@ def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
         "apply_duration_median_ms": round(statistics.median(durations) * 1000, 2)
         if durations
         else None,
-        "accept_rps": round(statistics.median(r["rps"] for r in accept_runs), 1),
-        "accept_rps_runs": [round(r["rps"], 1) for r in accept_runs],
-        "accept_success_ratio_min": min(r["success"] for r in accept_runs),
-        "accept_p50_ms": round(statistics.median(r["p50_ms"] for r in accept_runs), 2),
-        "accept_p99_ms": round(statistics.median(r["p99_ms"] for r in accept_runs), 2),
     }
     parameters = {
         "runs": RUNS,
@@ -359,9 +308,5 @@ def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
         "apply_batch_max_records": BATCH_MAX,
         "topic_partitions": PARTITIONS,
         "controllers": 1,
-        "accept_duration_s": ACCEPT_DURATION_S,
-        "accept_workers": ACCEPT_WORKERS,
-        "api_processes": 2,
-        "nginx_workers": int(os.environ.get("FLEETPLANE_NGINX_WORKERS", "1")),
     }
     return figures, parameters

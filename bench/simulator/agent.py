@@ -108,14 +108,19 @@ class SimAgent:
         self.label = f"{identity.customer_id}/{identity.environment_id}/{identity.agent_id}"
         self.state = AgentState.with_initial_resources(config.resources, rng)
         self.events = EventFactory()
-        self._outbox: asyncio.Queue[Event] = asyncio.Queue()
+        # None marks the end: ``stop`` puts it last, and the send loop ends there.
+        self._outbox: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopped = False
         self._to_apply: asyncio.Queue[Command] = asyncio.Queue()
         self._samples: dict[str, _Sample] = {}
         self._sample_added = asyncio.Event()
         self._sender = BatchSender(transport, stats, self._policy, clock=clock, label=self.label)
 
     async def run(self) -> None:
-        """Run until cancelled. A crash in one loop ends this agent, logged and counted."""
+        """Run until cancelled or stopped; a crash in one loop ends this agent, logged, counted."""
+        if self._stopped:
+            return
         self._stats.agents_running += 1
         # The first batch: full state, then a heartbeat, as a real agent does on boot.
         self._outbox.put_nowait(self.events.observed_state(self.state.observed()))
@@ -123,10 +128,13 @@ class SimAgent:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._send_loop())
-                group.create_task(self._heartbeat_loop())
-                group.create_task(self._poll_loop())
-                group.create_task(self._apply_loop())
-                group.create_task(self._probe_loop())
+                # A child cancelled on its own (``stop``) ends without ending the group.
+                self._loops = [
+                    group.create_task(self._heartbeat_loop()),
+                    group.create_task(self._poll_loop()),
+                    group.create_task(self._apply_loop()),
+                    group.create_task(self._probe_loop()),
+                ]
         except* Exception as crashed:
             for error in crashed.exceptions:
                 self._stats.error(f"agent:{type(error).__name__}")
@@ -134,19 +142,39 @@ class SimAgent:
         finally:
             self._stats.agents_running -= 1
 
+    def stop(self) -> None:
+        """Make no new events, stop polling, and let the send loop finish what is queued.
+
+        ``run`` returns once every queued event was accepted (or refused as a
+        bug): a stopping agent abandons no batch as long as the edge answers. A
+        caller that cannot wait cancels ``run``'s task, which counts the batch in
+        flight as abandoned.
+        """
+        self._stopped = True
+        for task in self._loops:
+            task.cancel()
+        self._outbox.put_nowait(None)
+
     # --- events ---------------------------------------------------------------
 
     async def _send_loop(self) -> None:
         carry: Event | None = None
-        while True:
-            batch = [carry if carry is not None else await self._outbox.get()]
+        ending = False
+        while not ending:
+            first = carry if carry is not None else await self._outbox.get()
+            if first is None:
+                return
+            batch = [first]
             carry = None
-            size = _json_size(batch[0])
+            size = _json_size(first)
             # Coalesce what queued up meanwhile (during a retry, say) into one batch,
             # within the contract's count and well under the edge's 1 MiB body limit;
             # the batch is fixed from here on, retries resend exactly it.
             while len(batch) < MAX_EVENTS_PER_BATCH and not self._outbox.empty():
                 event = self._outbox.get_nowait()
+                if event is None:
+                    ending = True
+                    break
                 if size + _json_size(event) > MAX_BATCH_BYTES:
                     carry = event
                     break

@@ -14,12 +14,23 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Final
 
 from bench.simulator.config import SAMPLE_EVERY, SimConfig
 from bench.simulator.display import RecentLog
 from bench.simulator.runner import print_report, run, write_report
 from services.shared.commands import MAX_WAIT_S
 from services.shared.events import MAX_RESOURCES_PER_REPORT
+
+RAMP_PER_AGENT_S: Final = 0.01
+"""Default start spacing for large fleets: a thousand agents start over 10 s, not
+all within 2 s, so their TLS handshakes and first checks do not arrive as one
+burst (a real fleet does not boot in one instant either)."""
+
+
+def default_ramp_s(agents: int) -> float:
+    """SimConfig's ramp, or RAMP_PER_AGENT_S per agent when that is longer."""
+    return max(SimConfig.ramp_s, agents * RAMP_PER_AGENT_S)
 
 
 def _number(
@@ -97,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--ramp-s",
         type=_number(float, 0),
-        default=defaults.ramp_s,
-        help="spread agent starts over this many seconds",
+        default=None,
+        help="spread agent starts over this many seconds "
+        f"(default: {defaults.ramp_s:g}, or {RAMP_PER_AGENT_S * 1000:g} ms per agent if longer)",
     )
     add(
         "--controller-metrics",
@@ -141,7 +153,7 @@ def config_from_args(args: argparse.Namespace, *, tty: bool) -> SimConfig:
         poll_wait_s=int(args.poll_wait_s),
         resources=int(args.resources),
         fail_ratio=args.fail_ratio,
-        ramp_s=args.ramp_s,
+        ramp_s=args.ramp_s if args.ramp_s is not None else default_ramp_s(int(args.agents)),
         report=args.report,
         # A live screen only makes sense on a terminal; piped output gets lines.
         live=tty and not args.no_live,

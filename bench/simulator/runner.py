@@ -35,6 +35,9 @@ TITLE: Final = "fleetplane agent simulator"
 LIVE_EVERY_S: Final = 1.0
 PROGRESS_EVERY_S: Final = 5.0
 ISSUE_CHUNK: Final = 250
+DRAIN_S: Final = 30.0
+"""At the end, how long agents may take to send what they queued (retries with
+backoff included) before their batches in flight are abandoned."""
 
 
 class AgentTls(NamedTuple):
@@ -168,11 +171,12 @@ async def run(
             if config.controller_metrics or config.controller_status
             else None
         )
-        tasks: list[asyncio.Task[None]] = [
+        agent_tasks = [
             # Spread the starts so N agents do not all handshake in the same instant.
             asyncio.create_task(_after(config.ramp_s * n / max(len(agents), 1), agent.run()))
             for n, agent in enumerate(agents)
         ]
+        tasks: list[asyncio.Task[None]] = list(agent_tasks)
         renewers = [
             Renewer(
                 agent.identity,
@@ -202,6 +206,7 @@ async def run(
         except TimeoutError:
             stopped_by = "duration"
         finally:
+            await _drain(agents, agent_tasks, out)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -220,6 +225,24 @@ async def run(
         "certificate_renewals": renewed,
         **report,
     }
+
+
+async def _drain(
+    agents: Sequence[SimAgent], agent_tasks: Sequence[asyncio.Task[None]], out: TextIO
+) -> None:
+    """Let every running agent send what it queued, for at most DRAIN_S.
+
+    Agents still waiting to start are cancelled by the caller; so is any agent
+    that has not finished by then (its batch in flight counts as abandoned).
+    """
+    for agent in agents:
+        agent.stop()
+    pending = [task for task in agent_tasks if not task.done()]
+    if not pending:
+        return
+    out.write(f"\nstopping: {len(pending)} agents send what they queued (at most {DRAIN_S:.0f}s)\n")
+    out.flush()
+    await asyncio.wait(pending, timeout=DRAIN_S)
 
 
 def _config_dict(config: SimConfig) -> dict[str, Any]:

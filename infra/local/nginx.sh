@@ -17,29 +17,23 @@ render() {
     [[ -f "$PKI_DIR/agent-ca-bundle.pem" && -f "$PKI_DIR/edge-client.pem" ]] ||
         die "nginx: PKI missing in $PKI_DIR; run infra/local/setup.sh"
     mkdir -p "$NGINX_DIR/logs" "$NGINX_DIR/temp"
-    local servers="" port
+    local servers=() port
     for port in $API_PORTS; do
-        servers+="        server 127.0.0.1:$port max_fails=3 fail_timeout=2s;"$'\n'
+        servers+=(--api-server "127.0.0.1:$port")
     done
-    # Plain placeholder replacement: nginx's own $variables stay untouched, and
-    # a placeholder left unfilled is an error rather than a silent blank.
-    NGINX_MODULES="$NGINX_MODULES" NGINX_WORKERS="$NGINX_WORKERS" PID_FILE="$PIDFILE" \
-        NGINX_DIR="$NGINX_DIR" PKI_DIR="$PKI_DIR" REPO_ROOT="$REPO_ROOT" \
-        EDGE_PORT="$EDGE_PORT" OPERATOR_PORT="$OPERATOR_PORT" API_SERVERS="${servers%$'\n'}" \
-        ENROLL_PORT="$ENROLL_PORT" STATUS_PORT="$EDGE_STATUS_PORT" GATEWAY_AUTH_SERVER="127.0.0.1:$GATEWAY_AUTH_PORT" \
-        AGENT_RATE="$EDGE_AGENT_RATE" AGENT_BURST="$EDGE_AGENT_BURST" AGENT_CONN="$EDGE_AGENT_CONN" \
-        OPERATOR_RATE="$EDGE_OPERATOR_RATE" OPERATOR_BURST="$EDGE_OPERATOR_BURST" \
-        OPERATOR_CONN="$EDGE_OPERATOR_CONN" EDGE_CONN="$EDGE_CONN" \
-        CRS_SETUP="$CRS_SETUP" CRS_RULES="$CRS_RULES" \
-        python3 - "$TEMPLATE" "$CONF" <<'PY'
-import os, re, sys
-text = open(sys.argv[1]).read()
-missing = {n for n in re.findall(r"@@([A-Z_]+)@@", text) if n not in os.environ}
-if missing:
-    sys.exit(f"nginx: template placeholders without a value: {sorted(missing)}")
-text = re.sub(r"@@([A-Z_]+)@@", lambda m: os.environ[m.group(1)], text)
-open(sys.argv[2], "w").write(text)
-PY
+    # The one renderer of the template (also used by compose, benchmarks and tests).
+    python3 "$REPO_ROOT/infra/nginx/render.py" --output "$CONF" \
+        --nginx-dir "$NGINX_DIR" --pki-dir "$PKI_DIR" --pid-file "$PIDFILE" \
+        --nginx-modules "$NGINX_MODULES" --workers "$NGINX_WORKERS" \
+        --edge-port "$EDGE_PORT" --operator-port "$OPERATOR_PORT" \
+        --enroll-port "$ENROLL_PORT" --status-port "$EDGE_STATUS_PORT" \
+        "${servers[@]}" --gateway-auth "127.0.0.1:$GATEWAY_AUTH_PORT" \
+        --crs-setup "$CRS_SETUP" --crs-rules "$CRS_RULES" \
+        --agent-rate "$EDGE_AGENT_RATE" --agent-burst "$EDGE_AGENT_BURST" \
+        --agent-conn "$EDGE_AGENT_CONN" --operator-rate "$EDGE_OPERATOR_RATE" \
+        --operator-burst "$EDGE_OPERATOR_BURST" --operator-conn "$EDGE_OPERATOR_CONN" \
+        --edge-conn "$EDGE_CONN" --api-conns "$EDGE_API_CONNS" --check-conns "$EDGE_CHECK_CONNS" ||
+        die "nginx: rendering $TEMPLATE failed"
     "${NGINX[@]}" -t -q 2>"$NGINX_DIR/logs/config-test.log" ||
         { cat "$NGINX_DIR/logs/config-test.log" >&2; die "nginx: configuration test failed ($CONF)"; }
 }

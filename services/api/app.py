@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from services.api import keys
+from services.api.admission import admission
 from services.api.delivery import CommandDeliveries
 from services.api.kafka import kafka_producer
 from services.api.longpoll import CommandPoller, CommandSignals
@@ -85,7 +86,10 @@ def create_app(
     """
     deps = dependencies or Dependencies()
     app = web.Application(
-        middlewares=http_middlewares(lambda app: app[keys.METRICS], service="API"),
+        middlewares=[
+            *http_middlewares(lambda app: app[keys.METRICS], service="API"),
+            admission().middleware,
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[keys.SETTINGS] = settings

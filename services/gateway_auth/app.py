@@ -24,6 +24,7 @@ from typing import Final
 from aiohttp import web
 
 from services.gateway_auth import handlers
+from services.gateway_auth.admission import admission
 from services.gateway_auth.keys import METRICS, OPERATORS, SERVICE, SETTINGS, STORE, TRUST
 from services.gateway_auth.service import GatewayMetrics, IdentityService, IssuingCa, TrustKeeper
 from services.gateway_auth.settings import GatewayAuthSettings
@@ -43,7 +44,10 @@ MAX_BODY_BYTES: Final = handlers.MAX_BODY_BYTES
 def create_app(settings: GatewayAuthSettings) -> web.Application:
     """The gateway_auth application; nothing connects until it starts."""
     app = web.Application(
-        middlewares=http_middlewares(lambda app: app[METRICS], service="gateway_auth"),
+        middlewares=[
+            *http_middlewares(lambda app: app[METRICS], service="gateway_auth"),
+            admission().middleware,
+        ],
         client_max_size=MAX_BODY_BYTES,
     )
     app[SETTINGS] = settings

@@ -4,48 +4,26 @@ measurements (bench/edge.py) and probes (tests/integration/test_edge_scans.py)."
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EDGE_TEMPLATE = REPO_ROOT / "infra" / "nginx" / "edge.conf.template"
-NOOP_TEMPLATE = REPO_ROOT / "infra" / "nginx" / "noop-upstream.conf.template"
+from infra.nginx.render import EdgeConfig, EdgeLimits, render_edge, render_noop_upstream
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LIB_SH = REPO_ROOT / "infra" / "local" / "lib.sh"
-_PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 
-# What infra/local/nginx.sh fills the template with, by lib.sh variable.
+# What infra/local/nginx.sh renders the template with, by lib.sh variable.
 _LIB_VALUES = {
     "NGINX_BIN": "NGINX_BIN",
     "NGINX_MODULES": "NGINX_MODULES",
     "NGINX_WORKERS": "NGINX_WORKERS",
-    "AGENT_RATE": "EDGE_AGENT_RATE",
-    "AGENT_BURST": "EDGE_AGENT_BURST",
-    "AGENT_CONN": "EDGE_AGENT_CONN",
-    "OPERATOR_RATE": "EDGE_OPERATOR_RATE",
-    "OPERATOR_BURST": "EDGE_OPERATOR_BURST",
-    "OPERATOR_CONN": "EDGE_OPERATOR_CONN",
-    "EDGE_CONN": "EDGE_CONN",
     "CRS_SETUP": "CRS_SETUP",
     "CRS_RULES": "CRS_RULES",
     "PROBE_BASE_PORT": "EDGE_PROBE_BASE_PORT",
 }
-
-UNLIMITED: Final = {
-    "AGENT_RATE": "1000000",
-    "AGENT_BURST": "1000000",
-    "AGENT_CONN": "60000",
-    "OPERATOR_RATE": "1000000",
-    "OPERATOR_BURST": "1000000",
-    "OPERATOR_CONN": "60000",
-    "EDGE_CONN": "60000",
-}
-"""Limits for an extra edge that measures or probes the WAF, not the limits."""
 
 
 def lib_settings() -> dict[str, str]:
@@ -57,30 +35,6 @@ def lib_settings() -> dict[str, str]:
     ).stdout.decode()
     resolved = dict(item.split("=", 1) for item in out.split("\0") if item)
     return {key: resolved[var] for key, var in _LIB_VALUES.items()}
-
-
-def render(template: str, values: Mapping[str, str]) -> str:
-    """Fill ``@@NAME@@`` placeholders as infra/local/nginx.sh does; a missing value is an error."""
-    missing = set(_PLACEHOLDER.findall(template)) - values.keys()
-    if missing:
-        raise ValueError(f"template placeholders without a value: {sorted(missing)}")
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-def _server_block(text: str, port: int) -> tuple[int, int]:
-    """Start and end offsets of the ``server { ... }`` block listening on ``port``."""
-    listen = text.index(f"listen 127.0.0.1:{port} ssl;")
-    start = text.rindex("    server {", 0, listen)
-    following = text.find("\n    server {", listen)
-    return start, (following if following != -1 else len(text))
-
-
-def _replace_once(text: str, span: tuple[int, int], old: str, new: str) -> str:
-    start, end = span
-    block = text[start:end]
-    if block.count(old) != 1:
-        raise ValueError(f"expected one {old!r} in the server block, found {block.count(old)}")
-    return text[:start] + block.replace(old, new) + text[end:]
 
 
 def _port_open(port: int) -> bool:
@@ -152,11 +106,11 @@ class EdgeProbe:
 
     Its ports come from lib.sh's EDGE_PROBE_BASE_PORT (agent listener, operator
     listener, no-op upstream, enrollment listener, stub_status). The configuration is the
-    native edge's, with these changes, each made on exactly one line of the
-    rendered text: limits from ``limits`` (default: none that a benchmark or a
-    scan would reach); with ``agent_waf=False``, ``modsecurity off`` in the agent listener; with
-    ``agent_mtls=False``, ``ssl_verify_client off`` in the agent listener, for
-    tools that cannot present a client certificate.
+    native edge's, rendered by the same renderer (infra/nginx/render.py) with
+    these values: limits from ``limits`` (default: none that a benchmark or a
+    scan would reach); with ``agent_waf=False``, the agent listener's WAF off; with
+    ``agent_mtls=False``, no client certificate asked for on the agent listener,
+    for tools that cannot present one.
     """
 
     def __init__(
@@ -166,7 +120,7 @@ class EdgeProbe:
         *,
         agent_waf: bool = True,
         agent_mtls: bool = True,
-        limits: Mapping[str, str] = UNLIMITED,
+        limits: EdgeLimits | None = None,
     ) -> None:
         self.run_dir = run_dir = run_dir.resolve()
         self.pki_dir = pki_dir = pki_dir.resolve()
@@ -176,46 +130,31 @@ class EdgeProbe:
         self.enroll_port = base + 3
         self.status_port = base + 4
         self.nginx_bin = settings["NGINX_BIN"]
-        values = {k: v for k, v in settings.items() if k not in ("NGINX_BIN", "PROBE_BASE_PORT")}
-        values.update(limits)
         edge_dir, noop_dir = run_dir / "edge", run_dir / "upstream"
         for folder in (edge_dir, noop_dir):
             (folder / "logs").mkdir(parents=True, exist_ok=True)
             (folder / "temp").mkdir(parents=True, exist_ok=True)
-        values.update(
-            {
-                "PID_FILE": str(edge_dir / "nginx.pid"),
-                "NGINX_DIR": str(edge_dir),
-                "PKI_DIR": str(pki_dir),
-                "REPO_ROOT": str(REPO_ROOT),
-                "EDGE_PORT": str(self.agent_port),
-                "OPERATOR_PORT": str(self.operator_port),
-                "ENROLL_PORT": str(self.enroll_port),
-                "STATUS_PORT": str(self.status_port),
-                "API_SERVERS": f"        server 127.0.0.1:{self.upstream_port};",
-                # The no-op upstream also answers the per-request certificate check.
-                "GATEWAY_AUTH_SERVER": f"127.0.0.1:{self.upstream_port}",
-            }
+        config = EdgeConfig(
+            nginx_dir=str(edge_dir),
+            pki_dir=str(pki_dir),
+            nginx_modules=settings["NGINX_MODULES"],
+            workers=settings["NGINX_WORKERS"],
+            edge_port=self.agent_port,
+            operator_port=self.operator_port,
+            enroll_port=self.enroll_port,
+            status_port=self.status_port,
+            api_servers=[f"127.0.0.1:{self.upstream_port}"],
+            # The no-op upstream also answers the per-request certificate check.
+            gateway_auth=f"127.0.0.1:{self.upstream_port}",
+            crs_setup=settings["CRS_SETUP"],
+            crs_rules=settings["CRS_RULES"],
+            limits=limits or EdgeLimits.unlimited(),
+            agent_waf=agent_waf,
+            agent_mtls=agent_mtls,
         )
-        text = render(EDGE_TEMPLATE.read_text(), values)
-        agent_block = _server_block(text, self.agent_port)
-        if not agent_waf:
-            text = _replace_once(text, agent_block, "modsecurity on;", "modsecurity off;")
-            agent_block = _server_block(text, self.agent_port)
-        if not agent_mtls:
-            text = _replace_once(
-                text, agent_block, "ssl_verify_client on;", "ssl_verify_client off;"
-            )
-        (edge_dir / "nginx.conf").write_text(text)
+        (edge_dir / "nginx.conf").write_text(render_edge(config))
         (noop_dir / "nginx.conf").write_text(
-            render(
-                NOOP_TEMPLATE.read_text(),
-                {
-                    "NGINX_DIR": str(noop_dir),
-                    "PKI_DIR": str(pki_dir),
-                    "PORT": str(self.upstream_port),
-                },
-            )
+            render_noop_upstream(str(noop_dir), str(pki_dir), self.upstream_port)
         )
         self.audit_log = edge_dir / "logs" / "modsec_audit.log"
         self.error_log = edge_dir / "logs" / "error.log"

@@ -211,3 +211,44 @@ async def test_queued_events_are_coalesced_within_the_size_budget() -> None:
     assert len(edge.batches) > 1
     assert max(sizes) <= 512 * 1024 + 100
     assert [e["seq"] for e in edge.events()] == list(range(1, 23))
+
+
+async def test_a_stopped_agent_sends_what_it_queued_through_overload_and_ends() -> None:
+    """stop(): no new events, the queued ones retried past 503s until accepted, no abandon."""
+    posts: list[list[str]] = []
+    shed = 3
+
+    def edge(method: str, path: str, body: bytes | None) -> Reply:
+        nonlocal shed
+        if method == "GET" and path.startswith("/v1/commands"):
+            return Reply(200, json.dumps({"commands": [], "next_poll_s": 30}).encode())
+        assert method == "POST"
+        assert body is not None
+        if shed > 0:
+            if shed == 3:
+                agent.stop()  # the stop comes while the boot batch is being shed
+            shed -= 1
+            return Reply(503, b'{"status":503}', retry_after="1")
+        ids = [event["id"] for event in json.loads(body)["events"]]
+        posts.append(ids)
+        return accepted(ids)
+
+    stats = Stats(0.0)
+    sleep = RecordingSleep()
+    agent = SimAgent(
+        IDENTITY,
+        SimConfig(heartbeat_s=3600, poll_wait_s=0),
+        ScriptedTransport(handler=edge),
+        stats,
+        ZeroRandom(),
+        policy=RetryPolicy(sleep=sleep),
+    )
+    await asyncio.wait_for(agent.run(), 5)
+
+    assert [len(ids) for ids in posts] == [2]  # the boot batch, accepted on the 4th try
+    assert stats.abandoned_batches == 0
+    assert stats.retries == 3
+    # Every wait honoured the server's Retry-After.
+    assert sleep.delays
+    assert min(sleep.delays) >= 1.0
+    assert stats.agents_running == 0
