@@ -59,7 +59,7 @@ test: setup ## set up, start the stack, run lint and the whole suite, stop the s
 	bash $(STACK) down; exit $$status
 
 .PHONY: bench
-# The ceiling section drives the edge with one agent certificate: the per-agent
+# The accept section drives the edge as fast as 200 agents can send: the per-agent
 # rate and connection limits are lifted so it measures capacity, not policy.
 bench: export FLEETPLANE_EDGE_AGENT_RATE ?= 1000000
 bench: export FLEETPLANE_EDGE_AGENT_BURST ?= 1000000

@@ -11,12 +11,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import backup, ceiling, edge, failover
+from bench import accept, backup, ceiling, edge, failover
 from bench.results_file import RESULTS, merge
 from tests.support.stack import Stack
 
 Section = Callable[[Stack], tuple[dict[str, Any], dict[str, Any]]]
 SECTIONS: dict[str, Section] = {
+    "accept": accept.run,
     "ceiling": ceiling.run,
     "failover": failover.run,
     "edge": edge.run,

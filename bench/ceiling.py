@@ -1,18 +1,15 @@
-"""Section ``ceiling``: what one controller and one edge+API path can carry.
+"""Section ``ceiling``: what one controller can carry.
 
 - ``apply_events_per_s``: one controller applying a pre-filled topic into
-  PostgreSQL (no HTTP), measured from the first to the last applied transaction;
-- ``accept_rps``: nginx + two API processes accepting single-event POSTs into
-  Kafka (no controller), driven by vegeta over mutual TLS for a fixed duration.
+  PostgreSQL (no HTTP), measured from the first to the last applied transaction.
+
+What the edge and the API accept is the ``accept`` section's (bench/accept.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,16 +17,12 @@ from typing import Any
 import psycopg
 from aiokafka import AIOKafkaProducer
 
-from bench.vegeta import vegeta
-from services.gateway_auth.pki import load_issuing_ca, write_agent_certificate
 from tests.support.deployment import Deployment
 from tests.support.records import encode, heartbeat_record
 from tests.support.stack import FleetEnv, Stack, prepare_template
 
 APPLY_EVENTS = 60_000
 APPLY_CUSTOMERS = 200
-ACCEPT_DURATION_S = 15
-ACCEPT_WORKERS = 32
 RUNS = 3
 
 
@@ -84,60 +77,16 @@ def apply_once(stack: Stack, log_dir: Path) -> float:
         deployment.close()
 
 
-def accept_once(stack: Stack, log_dir: Path, work: Path) -> dict[str, float]:
-    deployment = Deployment(FleetEnv.new(stack, partitions=12), log_dir).create()
-    try:
-        deployment.start_apis()
-        ca = load_issuing_ca(stack.pki_dir)
-        cert, key = write_agent_certificate(ca, work, "bench", "prod", "agent-1")
-        body = work / "event.json"
-        body.write_text(
-            json.dumps(
-                {
-                    "events": [
-                        {
-                            "id": "bench-1",
-                            "boot_id": "boot-1",
-                            "seq": 1,
-                            "type": "heartbeat",
-                            "payload": {"agent_version": "1.4.2", "health": "ok"},
-                        }
-                    ]
-                }
-            )
-        )
-        return vegeta.attack(
-            url=f"{stack.edge_url}/v1/events",
-            body=body,
-            cert=cert,
-            key=key,
-            root_ca=stack.pki_dir / "root-ca.pem",
-            duration_s=ACCEPT_DURATION_S,
-            workers=ACCEPT_WORKERS,
-        )
-    finally:
-        deployment.close()
-
-
 def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
     prepare_template(stack)
     log_dir = stack.run_dir / "bench-logs"
     apply_rates = []
-    accept_runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(RUNS):
-            print(f"  ceiling run {i + 1}/{RUNS}: apply", flush=True)
-            apply_rates.append(apply_once(stack, log_dir))
-            print(f"  ceiling run {i + 1}/{RUNS}: accept", flush=True)
-            accept_runs.append(accept_once(stack, log_dir, Path(tmp)))
+    for i in range(RUNS):
+        print(f"  ceiling run {i + 1}/{RUNS}: apply", flush=True)
+        apply_rates.append(apply_once(stack, log_dir))
     figures = {
         "apply_events_per_s": round(statistics.median(apply_rates), 1),
         "apply_events_per_s_runs": [round(r, 1) for r in apply_rates],
-        "accept_rps": round(statistics.median(r["rps"] for r in accept_runs), 1),
-        "accept_rps_runs": [round(r["rps"], 1) for r in accept_runs],
-        "accept_success_ratio_min": min(r["success"] for r in accept_runs),
-        "accept_p50_ms": round(statistics.median(r["p50_ms"] for r in accept_runs), 2),
-        "accept_p99_ms": round(statistics.median(r["p99_ms"] for r in accept_runs), 2),
     }
     parameters = {
         "runs": RUNS,
@@ -145,9 +94,5 @@ def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
         "apply_customers": APPLY_CUSTOMERS,
         "topic_partitions": 12,
         "controllers": 1,
-        "accept_duration_s": ACCEPT_DURATION_S,
-        "accept_workers": ACCEPT_WORKERS,
-        "api_processes": 2,
-        "nginx_workers": int(os.environ.get("FLEETPLANE_NGINX_WORKERS", "1")),
     }
     return figures, parameters

@@ -54,18 +54,18 @@ KafkaHeaders = list[tuple[str, bytes]]
 class RecordProducer(Protocol):
     """The part of a Kafka producer the API uses (``kafka.KafkaRecordProducer`` in production)."""
 
-    async def send(
-        self, topic: str, *, key: bytes, value: bytes, headers: KafkaHeaders
-    ) -> asyncio.Future[Any]:
-        """Queue one record; the returned future resolves when the broker acknowledged it.
+    async def send_batch(
+        self, topic: str, *, key: bytes, values: Sequence[bytes], headers: KafkaHeaders
+    ) -> list[asyncio.Future[Any]]:
+        """Queue a record per value, in order, in a batch of this call's own on ``key``'s partition.
 
-        May block while topic metadata is unknown. Raises KafkaError (or the future
-        fails with one) when the record cannot be delivered.
+        Returns one future per batch (more than one only when the values exceed a
+        batch), each resolving when the broker acknowledged that batch or failing
+        with a KafkaError. May block while topic metadata is unknown; raises
+        KafkaError when the records cannot be queued. Records of other calls are
+        never in these batches, so their failure or an abandoned wait touches only
+        this call's records.
         """
-        ...
-
-    async def abandon_pending(self) -> None:
-        """Drop every record not yet acknowledged, so none of them is delivered later."""
         ...
 
     async def check(self, topic: str, timeout_s: float) -> None:
@@ -168,22 +168,48 @@ def build_desired_state_record(
     )
 
 
-def encode_records(records: Sequence[AgentEventRecord]) -> list[tuple[bytes, bytes]]:
-    """(key, value) per record: key = customer id, so a customer's events share a partition.
+def encode_records(
+    batch: EventBatch,
+    identity: AgentIdentity,
+    *,
+    accepted_at: datetime,
+    request_id: str | None,
+) -> list[bytes]:
+    """Each event's topic record as JSON, in batch order: ``build_records``, serialised.
 
-    Raises PayloadTooLarge, before anything is produced, if a record exceeds
+    Byte for byte what ``AgentEventRecord.model_dump_json()`` writes, without a
+    model per event: every record of a request shares its envelope (identity,
+    time, request id), and the event is the record's last field, so the envelope
+    is serialised once and each event's JSON is put inside it. Raises
+    PayloadTooLarge, before anything is produced, if a record exceeds
     MAX_RECORD_BYTES.
     """
-    encoded: list[tuple[bytes, bytes]] = []
-    for index, record in enumerate(records):
-        value = record.model_dump_json().encode()
+    events = batch.events
+    first = events[0].model_dump_json().encode()
+    whole = (
+        AgentEventRecord(
+            customer_id=identity.customer_id,
+            environment_id=identity.environment_id,
+            agent_id=identity.agent_id,
+            accepted_at=accepted_at,
+            request_id=request_id,
+            event=events[0],
+        )
+        .model_dump_json()
+        .encode()
+    )
+    # '...,"event":' + first + '}': a different layout would be a pydantic change
+    # that the byte-for-byte test of this function catches.
+    envelope = whole[: len(whole) - len(first) - 1]
+    values = [whole]
+    values.extend(envelope + event.model_dump_json().encode() + b"}" for event in events[1:])
+    for index, value in enumerate(values):
         if len(value) > MAX_RECORD_BYTES:
             raise PayloadTooLarge(
                 f"event events[{index}] is {len(value)} bytes as a record, above the "
                 f"{MAX_RECORD_BYTES}-byte limit; split its payload across several events"
             )
-        encoded.append((record.customer_id.encode(), value))
-    return encoded
+    return values
 
 
 def _utc_now() -> datetime:
@@ -200,6 +226,10 @@ class EventService:
     retry_after_s: int
     metrics: ApiMetrics
     clock: Callable[[], datetime] = field(default=_utc_now)
+    # Read once when the service is built (at app start, after any provider was
+    # installed): get_tracer_provider() per request costs more than the rest of
+    # the no-tracing path.
+    tracing: bool = field(default_factory=lambda: tracing_configured())
 
     async def accept(
         self,
@@ -214,21 +244,23 @@ class EventService:
         Returns only after Kafka acknowledged every record (acks=all). Raises
         MalformedRequest, ValidationFailed or PayloadTooLarge before producing
         anything; ServiceUnavailable (with retry_after_s) when Kafka did not
-        acknowledge within produce_timeout_s; the producer's queue is then dropped so
-        that the refused records are not delivered later, out of order with the
-        agent's retry (a record the broker wrote but did not acknowledge in time can
-        still exist: the retry reuses its id and the controller deduplicates).
+        acknowledge within produce_timeout_s. The request's records travel as a
+        batch of their own, which the producer gives up (fails rather than retries)
+        once older than its request timeout, half of produce_timeout_s, so they are
+        not delivered long after the agent's retry; no other request's records are
+        touched (a record the broker wrote but did not acknowledge in time can still
+        exist: the retry reuses its id and the controller deduplicates).
         ``trace_carrier`` holds the request's W3C trace headers, if any.
         """
         batch = parse_batch(body)
-        records = build_records(batch, identity, accepted_at=self.clock(), request_id=request_id)
+        values = encode_records(batch, identity, accepted_at=self.clock(), request_id=request_id)
         await self.publish(
-            encode_records(records),
+            identity.customer_id.encode(),
+            values,
             trace_carrier=trace_carrier,
             retry_hint="retry the same batch with the same event ids",
         )
-        for event in batch.events:
-            self.metrics.events_accepted.labels(type=event.type).inc()
+        self.metrics.count_accepted(event.type for event in batch.events)
         return [event.id for event in batch.events]
 
     async def accept_desired_state(
@@ -266,7 +298,8 @@ class EventService:
                 f"{MAX_RECORD_BYTES}-byte limit"
             )
         await self.publish(
-            [(customer_id.encode(), value)],
+            customer_id.encode(),
+            [value],
             trace_carrier=trace_carrier,
             retry_hint="retry the change with the same revision",
         )
@@ -274,18 +307,25 @@ class EventService:
 
     async def publish(
         self,
-        encoded: list[tuple[bytes, bytes]],
+        key: bytes,
+        values: list[bytes],
         *,
         trace_carrier: Mapping[str, str],
         retry_hint: str,
     ) -> None:
-        """Produce (key, value) records in order; return once Kafka acknowledged every one.
+        """Produce a record per value, in order, keyed ``key``; return once Kafka acknowledged all.
 
-        Runs in a PRODUCER span continuing ``trace_carrier`` (W3C headers), whose
-        context travels in each record's headers. Raises ServiceUnavailable (detail
-        ends with ``retry_hint``) when Kafka did not acknowledge within
-        produce_timeout_s; the producer's queue is then dropped (see ``accept``).
+        The records carry the request's W3C trace context in their headers. With a
+        tracer provider configured this runs in a PRODUCER span continuing
+        ``trace_carrier``, whose context the records carry; without one (no
+        exporter), the incoming context passes through as it is, with no span
+        work. Raises ServiceUnavailable (detail ends with ``retry_hint``) when
+        Kafka did not acknowledge within produce_timeout_s; only this request's
+        records are given up (see ``accept``).
         """
+        if not self.tracing:
+            await self._produce(key, values, passed_through(trace_carrier), retry_hint=retry_hint)
+            return
         tracer = trace.get_tracer(__name__)
         with tracer.start_as_current_span(
             "fleetplane.events publish",
@@ -294,43 +334,40 @@ class EventService:
             attributes={
                 "messaging.system": "kafka",
                 "messaging.destination.name": self.topic,
-                "messaging.batch.message_count": len(encoded),
+                "messaging.batch.message_count": len(values),
             },
         ):
             outgoing: dict[str, str] = {}
             propagate.inject(outgoing)
-            headers: KafkaHeaders = [
-                (name, outgoing[name].encode()) for name in _TRACE_HEADERS if name in outgoing
-            ]
-            await self._produce(encoded, headers, retry_hint=retry_hint)
+            await self._produce(key, values, _trace_headers(outgoing), retry_hint=retry_hint)
 
     async def _produce(
-        self, encoded: list[tuple[bytes, bytes]], headers: KafkaHeaders, *, retry_hint: str
+        self, key: bytes, values: list[bytes], headers: KafkaHeaders, *, retry_hint: str
     ) -> None:
-        futures: list[asyncio.Future[Any]] = []
-
         async def send_all() -> None:
-            for key, value in encoded:
-                futures.append(
-                    await self.producer.send(self.topic, key=key, value=value, headers=headers)
-                )
-            outcomes = await asyncio.gather(*futures, return_exceptions=True)
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+            futures = await self.producer.send_batch(
+                self.topic, key=key, values=values, headers=headers
+            )
+            # Raises the first failure; on the deadline, only this wait is cancelled,
+            # not the batches (their futures are aiokafka's shielded ones).
+            if len(futures) == 1:
+                await futures[0]
+            else:
+                await asyncio.gather(*futures)
 
         started = time.perf_counter()
         try:
-            # send() itself waits for topic metadata (up to the producer's own
+            # send_batch() itself waits for topic metadata (up to the producer's own
             # request timeout) when the broker is down, so the deadline must cover
-            # the sends too, not only the delivery futures.
-            await asyncio.wait_for(send_all(), self.produce_timeout_s)
+            # it too, not only the delivery futures. asyncio.timeout, unlike
+            # wait_for, runs the wait in this task rather than a new one.
+            async with asyncio.timeout(self.produce_timeout_s):
+                await send_all()
         except (TimeoutError, KafkaError) as e:
             self.metrics.kafka_unavailable.inc()
-            await self.producer.abandon_pending()
             log.warning(
                 "Kafka did not acknowledge a batch of %d record(s): %s",
-                len(encoded),
+                len(values),
                 type(e).__name__ if isinstance(e, TimeoutError) else e,
             )
             raise ServiceUnavailable(
@@ -338,8 +375,23 @@ class EventService:
                 f"{retry_hint}",
                 retry_after_s=self.retry_after_s,
             ) from e
-        finally:
-            for future in futures:
-                if not future.done():
-                    future.cancel()
         self.metrics.produce_duration.observe(time.perf_counter() - started)
+
+
+def tracing_configured() -> bool:
+    """Whether a tracer provider was installed (the API installs one only with an exporter)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def _trace_headers(carrier: Mapping[str, str]) -> KafkaHeaders:
+    return [(name, carrier[name].encode()) for name in _TRACE_HEADERS if name in carrier]
+
+
+def passed_through(trace_carrier: Mapping[str, str]) -> KafkaHeaders:
+    """The incoming W3C trace context as record headers, as propagation without a span
+    would write it: nothing without a valid ``traceparent``."""
+    if "traceparent" not in trace_carrier:
+        return []
+    outgoing: dict[str, str] = {}
+    propagate.inject(outgoing, context=propagate.extract(dict(trace_carrier)))
+    return _trace_headers(outgoing)

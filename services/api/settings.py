@@ -41,6 +41,13 @@ class ApiSettings(HttpServiceSettings):
     """How often the producer refreshes topic metadata, so the longest it keeps
     producing with an old partition count after partitions were added; the
     drain-then-add procedure keeps intake paused this long (docs/runbooks/partitions.md)."""
+    producers: int = Field(default=2, ge=1, le=32)
+    """Kafka producers per API process. A producer has one produce request in flight
+    to a broker at a time, carrying at most one batch per partition, and each
+    request's records are a batch of their own: several producers let concurrent
+    requests to one partition travel in parallel instead of one per round trip.
+    Each adds produce requests, which cost the API and the broker CPU: two was the
+    better of 1, 2 and 4 in the accept benchmark (docs/performance.md)."""
     max_body_bytes: int = Field(default=MIB, ge=1024, le=64 * MIB)
     """Largest request body accepted (413 beyond)."""
     liveness_connected_s: float = Field(default=30.0, gt=0)

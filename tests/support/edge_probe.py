@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EDGE_TEMPLATE = REPO_ROOT / "infra" / "nginx" / "edge.conf.template"
 NOOP_TEMPLATE = REPO_ROOT / "infra" / "nginx" / "noop-upstream.conf.template"
 LIB_SH = REPO_ROOT / "infra" / "local" / "lib.sh"

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,44 +61,53 @@ class SentRecord:
 class FakeProducer:
     """A RecordProducer whose broker acknowledges, fails or never answers on demand.
 
-    ``on_send``: "ack" resolves each future, "fail" fails it with a KafkaError,
-    "hang" leaves it pending; ``fail_index`` fails only that record's future.
-    ``send_error`` makes send() itself raise;
-    ``send_blocks`` makes it block (as aiokafka does while metadata is missing).
+    ``on_send``: "ack" resolves each batch's future, "fail" fails it with a
+    KafkaError, "hang" leaves it pending; ``fail_index`` fails only the batch
+    holding that record (counted over everything sent); ``batch_records`` splits a
+    call's values into batches of at most that many, as a full batch does.
+    ``send_error`` makes send_batch() itself raise; ``send_blocks`` makes it block
+    (as aiokafka does while metadata is missing). ``futures`` are the batches' own
+    futures; callers get shielded ones, as from aiokafka.
     """
 
     on_send: str = "ack"
     send_error: BaseException | None = None
     send_blocks: bool = False
     fail_index: int | None = None
+    batch_records: int = 1000
     reachable: bool = True
     sent: list[SentRecord] = field(default_factory=list)
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
-    abandoned: int = 0
+    batches: list[list[SentRecord]] = field(default_factory=list)
+    queued: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def send(
-        self, topic: str, *, key: bytes, value: bytes, headers: KafkaHeaders
-    ) -> asyncio.Future[Any]:
+    async def send_batch(
+        self, topic: str, *, key: bytes, values: Sequence[bytes], headers: KafkaHeaders
+    ) -> list[asyncio.Future[Any]]:
         if self.send_blocks:
             await asyncio.Event().wait()
         if self.send_error is not None:
             raise self.send_error
-        self.sent.append(SentRecord(topic, key, value, list(headers)))
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if self.fail_index == len(self.sent) - 1:
-            future.set_exception(KafkaConnectionError("connection lost"))
-        elif self.on_send == "ack":
-            future.set_result(None)
-        elif self.on_send == "fail":
-            future.set_exception(KafkaTimeoutError("no ack"))
-        self.futures.append(future)
-        return future
-
-    async def abandon_pending(self) -> None:
-        self.abandoned += 1
-        for future in self.futures:
-            if not future.done():
-                future.cancel()
+        shielded: list[asyncio.Future[Any]] = []
+        for start in range(0, len(values), self.batch_records):
+            first = len(self.sent)
+            batch = [
+                SentRecord(topic, key, value, list(headers))
+                for value in values[start : start + self.batch_records]
+            ]
+            self.sent.extend(batch)
+            self.batches.append(batch)
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            if self.fail_index is not None and first <= self.fail_index < len(self.sent):
+                future.set_exception(KafkaConnectionError("connection lost"))
+            elif self.on_send == "ack":
+                future.set_result(None)
+            elif self.on_send == "fail":
+                future.set_exception(KafkaTimeoutError("no ack"))
+            self.futures.append(future)
+            shielded.append(asyncio.shield(future))
+        self.queued.set()
+        return shielded
 
     async def check(self, topic: str, timeout_s: float) -> None:
         if not self.reachable:

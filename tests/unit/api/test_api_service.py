@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 import time
@@ -15,6 +16,7 @@ from services.api.service import (
     EventService,
     build_desired_state_record,
     build_records,
+    encode_records,
     parse_batch,
     parse_desired_state,
 )
@@ -65,6 +67,29 @@ def test_records_carry_the_verified_identity_in_batch_order() -> None:
         )
         assert (record.accepted_at, record.request_id) == (NOW, "req-1")
         assert decode_topic_record(record.model_dump_json().encode()) == record
+
+
+@pytest.mark.parametrize("request_id", ["req-1", None])
+def test_encoded_records_are_byte_for_byte_the_models_json(request_id: str | None) -> None:
+    batch = parse_batch(
+        batch_body(
+            heartbeat("e1", 1),
+            observed("e2", [{"name": "web", "kind": "app", "version": "1.0", "status": "ü\\"}]),
+            {
+                "id": "e3",
+                "boot_id": "boot-1",
+                "seq": 3,
+                "type": "command_result",
+                "payload": {"command_id": 7, "epoch": 2, "outcome": "failed", "message": "\u2028"},
+            },
+            heartbeat("e4", 4),
+        )
+    )
+    for accepted_at in (NOW, datetime(2026, 1, 2, 3, 4, 5, 120000, tzinfo=UTC)):
+        records = build_records(batch, IDENTITY, accepted_at=accepted_at, request_id=request_id)
+        assert encode_records(batch, IDENTITY, accepted_at=accepted_at, request_id=request_id) == [
+            r.model_dump_json().encode() for r in records
+        ]
 
 
 async def test_accept_produces_one_keyed_record_per_event_and_returns_ids() -> None:
@@ -149,13 +174,14 @@ async def test_kafka_trouble_is_503_with_retry_after_in_time(producer: FakeProdu
     assert "retry the same batch" in caught.value.detail
     assert metrics.registry.get_sample_value("fleetplane_api_kafka_unavailable_total") == 1
     assert metrics.registry.get_sample_value("fleetplane_api_events_accepted_total") is None
-    # The producer's queue is dropped, so the refused records cannot land later.
-    assert producer.abandoned == 1
-    assert all(f.done() for f in producer.futures)
+    # Only the request's own wait ends: its batch is left to the producer, which
+    # gives it up itself (services.api.kafka); nothing else is dropped.
+    assert not any(f.cancelled() for f in producer.futures)
 
 
 async def test_one_failed_ack_fails_the_whole_batch() -> None:
-    producer = FakeProducer(fail_index=1)
+    # Three records in two producer batches; the second batch fails.
+    producer = FakeProducer(fail_index=2, batch_records=2)
     with pytest.raises(ServiceUnavailable):
         await service(producer).accept(
             batch_body(heartbeat("e1"), heartbeat("e2"), heartbeat("e3")),
@@ -164,6 +190,38 @@ async def test_one_failed_ack_fails_the_whole_batch() -> None:
             trace_carrier={},
         )
     assert len(producer.sent) == 3
+    assert [len(b) for b in producer.batches] == [2, 1]
+
+
+async def test_a_request_is_one_batch_of_its_own_records() -> None:
+    producer = FakeProducer()
+    events = [heartbeat(f"e{i}", i) for i in range(1, 21)]
+    await service(producer).accept(batch_body(*events), IDENTITY, request_id=None, trace_carrier={})
+    await service(producer).accept(
+        batch_body(heartbeat("f1")), IDENTITY, request_id=None, trace_carrier={}
+    )
+    assert [len(b) for b in producer.batches] == [20, 1]
+
+
+async def test_a_failed_or_timed_out_request_touches_no_other_request() -> None:
+    hung = FakeProducer(on_send="hang")
+    shared_metrics = ApiMetrics.create()
+    slow = service(hung, metrics=shared_metrics)
+    waiting = asyncio.ensure_future(
+        slow.accept(batch_body(heartbeat("s1")), IDENTITY, request_id=None, trace_carrier={})
+    )
+    await hung.queued.wait()  # that request's batch is queued
+    # While that one waits, the broker answers the next request's batch.
+    hung.on_send = "ack"
+    assert await slow.accept(
+        batch_body(heartbeat("a1")), IDENTITY, request_id=None, trace_carrier={}
+    ) == ["a1"]
+    with pytest.raises(ServiceUnavailable):
+        await waiting
+    # The timed-out request's batch is still the producer's: not cancelled, and the
+    # other request's batch was answered.
+    assert [f.done() for f in hung.futures] == [False, True]
+    assert not hung.futures[0].cancelled()
 
 
 async def test_default_timeout_answers_within_five_seconds_when_the_broker_is_gone() -> None:
@@ -232,7 +290,7 @@ async def test_desired_state_when_kafka_is_down_is_503_and_dropped() -> None:
             trace_carrier={},
         )
     assert "retry the change with the same revision" in caught.value.detail
-    assert producer.abandoned == 1
+    assert producer.sent == []
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,3 @@
+module fleetplane/bench/loadgen
+
+go 1.22
