@@ -5,21 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+
+from services.shared.topics import topic_partitions
 
 
 class KafkaUnavailable(Exception):
     pass
-
-
-async def _partitions(bootstrap: str, topic: str) -> list[int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    return sorted(int(p["partition"]) for p in described["partitions"])
 
 
 async def _log_starts(bootstrap: str, topics: list[str]) -> dict[str, dict[int, int]]:
@@ -34,7 +25,7 @@ async def _log_starts(bootstrap: str, topics: list[str]) -> dict[str, dict[int, 
         for topic in topics:
             if topic not in cluster:
                 raise KafkaUnavailable(f"topic {topic} does not exist in Kafka at {bootstrap}")
-            tps = [TopicPartition(topic, p) for p in await _partitions(bootstrap, topic)]
+            tps = [TopicPartition(topic, p) for p in await topic_partitions(bootstrap, topic)]
             begin = await consumer.beginning_offsets(tps)
             starts[topic] = {tp.partition: int(begin[tp]) for tp in tps}
         return starts

@@ -54,6 +54,19 @@ async def ensure_topics(bootstrap: str, wanted: dict[str, int]) -> dict[str, int
         await admin.close()
 
 
+async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+    """The topic's partition numbers, ascending; LookupError if it does not exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if described["error_code"] or not described["partitions"]:
+        raise LookupError(f"topic {topic} not found")
+    return sorted(int(p["partition"]) for p in described["partitions"])
+
+
 async def delete_topics(bootstrap: str, names: list[str]) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     await admin.start()

@@ -47,11 +47,9 @@ ALLOWED: Final[dict[str, dict[str, str]]] = {
     "tests/chaos/test_partitions.py": {
         "await asyncio.sleep(2)": LOAD,
         "await asyncio.sleep(1)": NOTHING + " (no offset skipped)",
-        "await asyncio.sleep(2.5)  # the API's producer learns of the new partitions": TODO,
     },
     "tests/e2e/test_dashboards.py": {"await asyncio.sleep(1)": PACING},
     "tests/e2e/test_make_run.py": {
-        "time.sleep(1)": TODO + " (one is a retry interval, one waits for ports to close)",
         "time.sleep(2)": RETRY,
     },
     "tests/integration/test_agent_identity.py": {
