@@ -23,6 +23,7 @@ from services.api.keys import (
     REPOSITORY,
     REQUEST_ID,
     SETTINGS,
+    SIGNALS,
     WATCH,
 )
 from services.api.longpoll import parse_wait
@@ -301,8 +302,10 @@ async def _probe(name: str, check: Awaitable[None]) -> bool:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of this app's own registry."""
-    pool = request.app[METRICS].database_pool
+    exported = request.app[METRICS]
     for state, connections in request.app[REPOSITORY].pool_use().items():
-        pool.labels(state).set(connections)
-    payload = generate_latest(request.app[METRICS].registry)
+        exported.database_pool.labels(state).set(connections)
+    signals = request.app.get(SIGNALS)
+    exported.long_polls_waiting.set(signals.waiting if signals is not None else 0)
+    payload = generate_latest(exported.registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})

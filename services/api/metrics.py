@@ -24,6 +24,7 @@ class ApiMetrics:
     revocation_delay: Histogram
     command_delivery: Histogram
     database_pool: Gauge
+    long_polls_waiting: Gauge
     # events_accepted's child per event type, bound once: labels() per event
     # would look the child up again for each.
     accepted_by_type: dict[str, Counter] = field(default_factory=dict)
@@ -49,5 +50,6 @@ class ApiMetrics:
             revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
             command_delivery=specs.histogram(registry, specs.API_COMMAND_DELIVERY),
             database_pool=specs.gauge(registry, specs.DATABASE_POOL_CONNECTIONS),
+            long_polls_waiting=specs.gauge(registry, specs.API_LONG_POLLS_WAITING),
             accepted_by_type={t: events_accepted.labels(type=t) for t in EVENT_TYPES},
         )

@@ -8,6 +8,7 @@ looked-up keys for ``operator_key_cache_s``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime
 from typing import Final
 
@@ -52,15 +53,9 @@ def environment_views(
     """What ``GET .../environments`` answers, sorted by environment id."""
     return [
         EnvironmentView(
-            environment_id=row.environment_id,
             liveness=liveness(row.last_heartbeat_at, now, connected_s=connected_s, lost_s=lost_s),
-            last_heartbeat_at=row.last_heartbeat_at,
-            agent_version=row.agent_version,
-            health=row.health,
-            desired_revision=row.desired_revision,
-            observed_revision=row.observed_revision,
-            pending_commands=row.pending_commands,
-            agents=row.agents,
+            # The row's fields are the answer's, less liveness: listed once, in EnvironmentRow.
+            **asdict(row),
         )
         for row in sorted(rows, key=lambda r: r.environment_id)
     ]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeAlias
 
-from sqlalchemy import Row, Select, func, select, text
+from sqlalchemy import ColumnElement, Row, ScalarSelect, Select, Table, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.settings import ApiSettings
@@ -70,18 +70,13 @@ class PendingCommands:
     Measures command delivery latency (services/api/delivery.py)."""
 
 
-@dataclass(frozen=True, slots=True)
-class AuditRow:
-    change_id: str
-    environment_id: str
-    operator: str
-    action: str
-    revision: int
-    outcome: str
-    reason: str | None
-    request_id: str | None
-    accepted_at: datetime
-    applied_at: datetime
+AuditRecord: TypeAlias = Any
+"""One ``operator_audit`` row without its ``customer_id``, read by attribute name.
+
+Not a second list of the columns: the table (services/shared/schema.py) lists
+them and the answer model (services/api/models.py ``AuditEntry``) validates from
+the attributes, so the row is checked against the wire shape where it is answered.
+"""
 
 
 class FleetRepository(Protocol):
@@ -102,7 +97,7 @@ class FleetRepository(Protocol):
         """Every environment the controller recorded for the customer, sorted by id."""
         ...
 
-    async def audit(self, customer_id: str, *, limit: int) -> list[AuditRow]:
+    async def audit(self, customer_id: str, *, limit: int) -> Sequence[AuditRecord]:
         """The customer's latest ``limit`` operator changes as applied, newest first."""
         ...
 
@@ -185,29 +180,25 @@ def command_from_row(row: Row[Any] | Any) -> Command:
     )
 
 
+def _environment_count(table: Table, *where: ColumnElement[bool]) -> ScalarSelect[int]:
+    """Rows of ``table`` in the outer query's environment (and ``where``), as a column."""
+    return (
+        select(func.count())
+        .select_from(table)
+        .where(
+            table.c.customer_id == environments.c.customer_id,
+            table.c.environment_id == environments.c.environment_id,
+            *where,
+        )
+        .correlate(environments)
+        .scalar_subquery()
+    )
+
+
 def environments_query(customer_id: str) -> Select[Any]:
     """The customer's environments with their pending-command and agent counts, by id."""
-    pending = (
-        select(func.count())
-        .select_from(commands)
-        .where(
-            commands.c.customer_id == environments.c.customer_id,
-            commands.c.environment_id == environments.c.environment_id,
-            commands.c.status == "pending",
-        )
-        .correlate(environments)
-        .scalar_subquery()
-    )
-    agents = (
-        select(func.count())
-        .select_from(agent_status)
-        .where(
-            agent_status.c.customer_id == environments.c.customer_id,
-            agent_status.c.environment_id == environments.c.environment_id,
-        )
-        .correlate(environments)
-        .scalar_subquery()
-    )
+    pending = _environment_count(commands, commands.c.status == "pending")
+    agents = _environment_count(agent_status)
     return (
         select(
             environments.c.environment_id,
@@ -225,19 +216,9 @@ def environments_query(customer_id: str) -> Select[Any]:
 
 
 def audit_query(customer_id: str, limit: int) -> Select[Any]:
+    """The customer's audit entries, newest first: every column but the customer's id."""
     return (
-        select(
-            operator_audit.c.change_id,
-            operator_audit.c.environment_id,
-            operator_audit.c.operator,
-            operator_audit.c.action,
-            operator_audit.c.revision,
-            operator_audit.c.outcome,
-            operator_audit.c.reason,
-            operator_audit.c.request_id,
-            operator_audit.c.accepted_at,
-            operator_audit.c.applied_at,
-        )
+        select(*(c for c in operator_audit.c if c is not operator_audit.c.customer_id))
         .where(operator_audit.c.customer_id == customer_id)
         .order_by(operator_audit.c.accepted_at.desc(), operator_audit.c.change_id)
         .limit(limit)
@@ -287,10 +268,11 @@ class SqlFleetRepository:
             rows = (await connection.execute(environments_query(customer_id))).all()
         return [EnvironmentRow(**r._mapping) for r in rows]
 
-    async def audit(self, customer_id: str, *, limit: int) -> list[AuditRow]:
+    async def audit(self, customer_id: str, *, limit: int) -> Sequence[AuditRecord]:
         async with self.engine.connect() as connection:
-            rows = (await connection.execute(audit_query(customer_id, limit))).all()
-        return [AuditRow(**r._mapping) for r in rows]
+            result = await connection.execute(audit_query(customer_id, limit))
+            rows: Sequence[AuditRecord] = result.all()
+        return rows
 
     async def operator_key(self, key_id: str) -> StoredOperatorKey | None:
         async with self.engine.connect() as connection:

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from services.shared.channels import IDENTITY_CHANNEL
 from services.shared.db import sync_transaction
-from services.shared.identity_journal import JournalUnavailable, append_from_tool
+from services.shared.identity_journal import JournalUnavailable, stamp_from_tool
 from services.shared.schema import issuing_cas
 from services.shared.settings import DatabaseSettings, KafkaSettings
 
@@ -33,19 +33,13 @@ def retire(dsn: str, subject_dn: str, after_s: float, kafka: KafkaSettings | Non
     commit, so a restore of an older backup does not trust the CA again.
     """
     i = issuing_cas.c
-    statement = (
-        issuing_cas.update()
-        .where(i.subject_dn == subject_dn)
-        .values(retire_at=func.now() + timedelta(seconds=after_s))
-        .returning(i.retire_at)
-    )
     with sync_transaction(dsn) as conn:
-        retire_at = conn.execute(statement).scalar_one_or_none()
-        if retire_at is not None:
-            entry = {"subject_dn": subject_dn, "retire_at": retire_at}
-            append_from_tool(kafka, "issuer_retired", subject_dn, entry)
+        retire_at = func.now() + timedelta(seconds=after_s)
+        retired = stamp_from_tool(
+            conn, kafka, "issuer_retired", (i.subject_dn, subject_dn), (i.retire_at, retire_at)
+        )
         conn.execute(select(func.pg_notify(IDENTITY_CHANNEL, "issuer")))
-        return retire_at is not None
+        return retired
 
 
 def main(argv: Sequence[str] | None = None) -> int:

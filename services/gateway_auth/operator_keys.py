@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from sqlalchemy import func, select
 
 from services.shared.db import sync_transaction
-from services.shared.identity_journal import JournalUnavailable, append_from_tool
+from services.shared.identity_journal import JournalUnavailable, append_from_tool, stamp_from_tool
 from services.shared.operator_keys import new_key
 from services.shared.schema import operator_keys
 from services.shared.settings import DatabaseSettings, KafkaSettings
@@ -42,18 +42,15 @@ def create(dsn: str, name: str, customer_id: str | None, kafka: KafkaSettings | 
 def revoke(dsn: str, key_id: str, kafka: KafkaSettings | None = None) -> bool:
     """Revoke a key; with ``kafka``, journaled before the commit (see ``create``)."""
     k = operator_keys.c
-    statement = (
-        operator_keys.update()
-        .where(k.key_id == key_id, k.revoked_at.is_(None))
-        .values(revoked_at=func.now())
-        .returning(k.revoked_at)
-    )
     with sync_transaction(dsn) as conn:
-        revoked_at = conn.execute(statement).scalar_one_or_none()
-        if revoked_at is not None:
-            entry = {"key_id": key_id, "revoked_at": revoked_at}
-            append_from_tool(kafka, "operator_key_revoked", key_id, entry)
-        return revoked_at is not None
+        return stamp_from_tool(
+            conn,
+            kafka,
+            "operator_key_revoked",
+            (k.key_id, key_id),
+            (k.revoked_at, func.now()),
+            k.revoked_at.is_(None),
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from sqlalchemy import Column, ColumnElement, Connection
 
 from services.shared.settings import KafkaSettings
 
@@ -141,3 +142,32 @@ async def read_all(bootstrap: str, topic: str) -> list[dict[str, Any]]:
         return entries
     finally:
         await consumer.stop()
+
+
+def stamp_from_tool(
+    conn: Connection,
+    kafka: KafkaSettings | None,
+    kind: Kind,
+    key: tuple[Column[Any], str],
+    stamp: tuple[Column[Any], Any],
+    *where: ColumnElement[bool],
+) -> bool:
+    """Set one timestamp column of the row ``key`` names and journal it; False if no row matched.
+
+    ``stamp`` is the column and the SQL value to set; ``where`` narrows the match
+    (``revoked_at IS NULL``). The entry carries the key and the stored timestamp,
+    appended before the caller's transaction commits (see ``append_from_tool``).
+    """
+    key_column, key_value = key
+    stamp_column, value = stamp
+    statement = (
+        key_column.table.update()
+        .where(key_column == key_value, *where)
+        .values({stamp_column.name: value})
+        .returning(stamp_column)
+    )
+    stored = conn.execute(statement).scalar_one_or_none()
+    if stored is not None:
+        entry = {key_column.name: key_value, stamp_column.name: stored}
+        append_from_tool(kafka, kind, key_value, entry)
+    return stored is not None

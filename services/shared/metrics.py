@@ -279,6 +279,15 @@ DATABASE_POOL_CONNECTIONS: Final = MetricSpec(
     ("state",),
 )
 
+API_LONG_POLLS_WAITING: Final = MetricSpec(
+    "fleetplane_api_long_polls_waiting",
+    "gauge",
+    "polls",
+    "Command long polls waiting in this API process at scrape time (subscribed to their "
+    "environment's NOTIFY wake-ups).",
+    (),
+)
+
 ENVIRONMENTS_BY_LIVENESS: Final = MetricSpec(
     "fleetplane_environments",
     "gauge",
@@ -342,6 +351,7 @@ ALL_METRICS: Final = (
     CONTROLLER_ACCEPT_TO_APPLIED,
     GATEWAY_AUTH_REQUEST_DURATION,
     DATABASE_POOL_CONNECTIONS,
+    API_LONG_POLLS_WAITING,
     ENVIRONMENTS_BY_LIVENESS,
     API_COMMAND_DELIVERY,
 )

@@ -19,6 +19,7 @@ import sys
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from services.shared import kafka_admin
 from services.shared.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,16 @@ async def ensure_topics(bootstrap: str, wanted: dict[str, int]) -> dict[str, int
         return {d["topic"]: len(d["partitions"]) for d in described}
     finally:
         await admin.close()
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+    """The topic's partition numbers, ascending; LookupError if it does not exist.
+
+    One admin client for this one question; ``services.shared.kafka_admin`` holds
+    the implementation (and a scoped client for callers that ask more).
+    """
+    async with kafka_admin.kafka_admin(bootstrap) as admin:
+        return await kafka_admin.topic_partitions(admin, topic)
 
 
 async def delete_topics(bootstrap: str, names: list[str]) -> None:

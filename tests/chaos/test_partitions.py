@@ -137,8 +137,26 @@ async def test_skipping_the_drain_lets_newer_events_apply_first_and_the_checker_
     await send_steadily(moving_agent, ledger, batches=2, size=5)
     # Partitions added without pausing intake or draining: the mistake.
     await add_partitions(deployment.fleet.stack.kafka_bootstrap, deployment.fleet.events_topic, 6)
+    # Each API's producer refreshes its metadata every second (above) and the edge
+    # spreads requests over the APIs in turn: single events landing in the new
+    # partition several times in a row mean every API learned of it.
+    in_a_row = 0
+
+    async def one_event_lands_in_the_new_partition() -> int:
+        nonlocal in_a_row
+        before = await own.log_end_offsets(deployment)
+        await send_steadily(moving_agent, ledger, batches=1, size=1)
+        landed = (await own.log_end_offsets(deployment))[new] > before[new]
+        in_a_row = in_a_row + 1 if landed else 0
+        return in_a_row
+
+    await eventually(
+        one_event_lands_in_the_new_partition,
+        lambda n: n >= 4,
+        timeout_s=60,
+        what="every API's producer sends to the new partition",
+    )
     before = await own.log_end_offsets(deployment)
-    await asyncio.sleep(2.5)  # the API's producer learns of the new partitions
     await send_steadily(moving_agent, ledger, batches=1, size=5)
     after = await own.log_end_offsets(deployment)
     assert after[new] - before[new] == 5, "the newer events must land in the new partition"

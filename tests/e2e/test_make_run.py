@@ -18,10 +18,11 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 import pytest
+from tenacity import RetryCallState, retry, retry_if_result, stop_after_delay, wait_fixed
 
 from services.backup.settings import S3Settings
 from services.backup.storage import S3Storage, StorageError
@@ -94,18 +95,41 @@ def run_env() -> Iterator[dict[str, str]]:
     subprocess.run(["make", "stop"], cwd=ROOT, env=env, capture_output=True, timeout=120)
 
 
+def _last_result(state: RetryCallState) -> Any:
+    """At the deadline, the last answer: the caller's assertion then shows it."""
+    assert state.outcome is not None
+    return state.outcome.result()
+
+
+def _not_all_up(health: dict[str, list[str]]) -> bool:
+    return not all(h == "up" for hs in health.values() for h in hs)
+
+
+@retry(
+    retry=retry_if_result(_not_all_up),
+    wait=wait_fixed(1),
+    stop=stop_after_delay(60),
+    retry_error_callback=_last_result,
+)
 def scrape_health(prometheus: str) -> dict[str, list[str]]:
     """Prometheus's targets, job -> health of each; waits out the first scrape."""
-    deadline = time.monotonic() + 60
-    while True:
-        with urllib.request.urlopen(f"{prometheus}/api/v1/targets", timeout=5) as reply:
-            targets = json.load(reply)["data"]["activeTargets"]
-        health: dict[str, list[str]] = {}
-        for target in targets:
-            health.setdefault(target["labels"]["job"], []).append(target["health"])
-        if all(h == "up" for hs in health.values() for h in hs) or time.monotonic() > deadline:
-            return health
-        time.sleep(1)
+    with urllib.request.urlopen(f"{prometheus}/api/v1/targets", timeout=5) as reply:
+        targets = json.load(reply)["data"]["activeTargets"]
+    health: dict[str, list[str]] = {}
+    for target in targets:
+        health.setdefault(target["labels"]["job"], []).append(target["health"])
+    return health
+
+
+@retry(
+    retry=retry_if_result(bool),
+    wait=wait_fixed(0.2),
+    stop=stop_after_delay(30),
+    retry_error_callback=_last_result,
+)
+def still_listening() -> list[int]:
+    """The ports still open, once they all closed or at the deadline."""
+    return [p for p in ALL_PORTS if listening(p)]
 
 
 OWNER_LINE: Final = re.compile(r"^\s+(\S+)\s+partitions ([\d,]+)\s+lag \d+", re.MULTILINE)
@@ -194,8 +218,7 @@ def test_make_run_then_make_stop(run_env: dict[str, str]) -> None:
             os.killpg(run.pid, signal.SIGKILL)
             raise
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    time.sleep(1)
-    assert [p for p in ALL_PORTS if listening(p)] == []
+    assert still_listening() == []
     assert processes_mentioning(run_env["FLEETPLANE_RUN_DIR"]) == []
     assert processes_mentioning("services.api --port 2808") == []
     assert processes_mentioning("services.gateway_auth --port 28083") == []

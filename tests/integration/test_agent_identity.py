@@ -444,7 +444,7 @@ async def test_revocation_ends_an_open_long_poll(
     agent, _, _, _ = await enroller.enrolled_agent("acme", "prod", "agent-1")
     try:
         poll = asyncio.create_task(agent.poll_commands(25))
-        await asyncio.sleep(1.5)  # the poll is waiting in the API
+        await deployment.until_long_polls_wait()
         assert not poll.done()
         started, _ = await revoke(enroller, "prod", "agent-1")
         status, body = await asyncio.wait_for(poll, ENFORCEMENT_LIMIT_S)

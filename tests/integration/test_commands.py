@@ -46,7 +46,7 @@ async def test_desired_state_reaches_a_waiting_long_poll_and_converges(
 
     # The poll waits first; the operator's change must wake it well before `wait` ends.
     poll = asyncio.create_task(agent.poll_commands(20))
-    await asyncio.sleep(1.0)
+    await deployment.until_long_polls_wait()
     started = time.monotonic()
     status, body = await operator.set_desired("acme", "prod", 1, [WEB, JOB])
     assert status == 202, body

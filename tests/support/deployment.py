@@ -7,10 +7,14 @@ import os
 import ssl
 from pathlib import Path
 
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
 from services.gateway_auth.operator_keys import create as create_operator_key
 from services.shared.topics import delete_topics, ensure_journal_topic, ensure_topics
 from tests.support.processes import ServiceProcess
 from tests.support.stack import FleetEnv, clone_database, drop_database
+from tests.support.waiting import eventually
 
 
 class Deployment:
@@ -44,6 +48,33 @@ class Deployment:
         )
         context.check_hostname = False
         return context
+
+    async def api_metric(self, name: str) -> float:
+        """The sum of every sample of ``name`` on the running APIs' /metrics (0 when absent)."""
+        total = 0.0
+        for port in self.apis:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=self.api_ssl_context())
+                ) as session,
+                session.get(f"https://127.0.0.1:{port}/metrics") as reply,
+            ):
+                assert reply.status == 200, await reply.text()
+                text = await reply.text()
+            for family in text_string_to_metric_families(text):
+                if family.name == name:
+                    total += sum(sample.value for sample in family.samples)
+        return total
+
+    async def until_long_polls_wait(self, count: int = 1) -> None:
+        """Return once the APIs hold ``count`` waiting long polls (subscribed to wake-ups)."""
+        await eventually(
+            lambda: self.api_metric("fleetplane_api_long_polls_waiting"),
+            lambda waiting: waiting >= count,
+            timeout_s=10,
+            interval_s=0.05,
+            what=f"{count} long poll(s) waiting in the APIs",
+        )
 
     def start_gateway_auth(self, extra_env: dict[str, str] | None = None) -> ServiceProcess:
         """Start gateway_auth on the stack's port (the edge checks every agent request with it)."""

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.partitioner import murmur2
 
+from services.shared.topics import topic_partitions
 from tests.support.deployment import Deployment
 from tests.support.processes import ServiceProcess
 from tests.support.waiting import eventually
@@ -127,13 +128,7 @@ async def log_start_offsets(deployment: Deployment) -> dict[int, int]:
 async def _offsets(deployment: Deployment, *, end: bool) -> dict[int, int]:
     topic = deployment.fleet.events_topic
     bootstrap = deployment.fleet.stack.kafka_bootstrap
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    tps = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+    tps = [TopicPartition(topic, p) for p in await topic_partitions(bootstrap, topic)]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:

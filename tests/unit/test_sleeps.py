@@ -23,7 +23,6 @@ NOTHING: Final = "lets time pass to show that nothing happens in it"
 LOAD: Final = "keeps load running for a while: the time is the point"
 YIELD: Final = "yields to the event loop once"
 FAKE: Final = "a fake's sleep inside a unit test"
-TODO: Final = "NOT YET SWEPT: stands in for a condition; replace with until/eventually"
 
 # path -> {the call's line, stripped: why}
 ALLOWED: Final[dict[str, dict[str, str]]] = {
@@ -47,20 +46,16 @@ ALLOWED: Final[dict[str, dict[str, str]]] = {
     "tests/chaos/test_partitions.py": {
         "await asyncio.sleep(2)": LOAD,
         "await asyncio.sleep(1)": NOTHING + " (no offset skipped)",
-        "await asyncio.sleep(2.5)  # the API's producer learns of the new partitions": TODO,
     },
     "tests/e2e/test_dashboards.py": {"await asyncio.sleep(1)": PACING},
     "tests/e2e/test_make_run.py": {
-        "time.sleep(1)": TODO + " (one is a retry interval, one waits for ports to close)",
         "time.sleep(2)": RETRY,
     },
     "tests/integration/test_agent_identity.py": {
         "await asyncio.sleep(0.05)": RETRY,
         "await asyncio.sleep(0.1)": RETRY,
-        "await asyncio.sleep(1.5)  # the poll is waiting in the API": TODO,
     },
     "tests/integration/test_commands.py": {
-        "await asyncio.sleep(1.0)": TODO + " (the poll is waiting in the API)",
         "await asyncio.sleep(1)": NOTHING + " (no further command appears)",
     },
     "tests/integration/test_edge_limits.py": {

@@ -24,8 +24,9 @@ from cryptography.x509.oid import NameOID
 
 from services.api.app import Dependencies, create_app
 from services.api.longpoll import CommandSignals
+from services.api.models import AuditEntry
 from services.api.repository import (
-    AuditRow,
+    AuditRecord,
     EnvironmentRow,
     EventStatus,
     PendingCommands,
@@ -41,6 +42,11 @@ from services.shared.settings import DatabaseSettings, KafkaSettings
 from services.shared.web.tls import server_ssl_context
 
 EDGE_CN = "fleetplane-edge"
+
+
+def audit_row(*values: Any) -> AuditRecord:
+    """An audit row as the repository answers it: the columns of ``AuditEntry``, in order."""
+    return AuditEntry(**dict(zip(AuditEntry.model_fields, values, strict=True)))
 
 
 @dataclass
@@ -122,7 +128,7 @@ class FakeRepository:
     next_due_in_s: dict[tuple[str, str], float] = field(default_factory=dict)
     due_for_s: dict[tuple[str, str], tuple[float, ...]] = field(default_factory=dict)
     environment_rows: dict[str, list[EnvironmentRow]] = field(default_factory=dict)
-    audit_rows: dict[str, list[AuditRow]] = field(default_factory=dict)
+    audit_rows: dict[str, list[AuditRecord]] = field(default_factory=dict)
     keys: dict[str, StoredOperatorKey] = field(default_factory=dict)
     error: BaseException | None = None
     reachable: bool = True
@@ -161,7 +167,7 @@ class FakeRepository:
         self._fail()
         return list(self.environment_rows.get(customer_id, []))
 
-    async def audit(self, customer_id: str, *, limit: int) -> list[AuditRow]:
+    async def audit(self, customer_id: str, *, limit: int) -> list[AuditRecord]:
         self._fail()
         return self.audit_rows.get(customer_id, [])[:limit]
 

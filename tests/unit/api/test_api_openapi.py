@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from services.api.app import create_app
 from services.api.openapi import OPERATIONS, OPERATIONS_BY_NAME, build_openapi, path_parameters
-from services.api.repository import AuditRow, EnvironmentRow
+from services.api.repository import EnvironmentRow
 from services.api.settings import ApiSettings
 from services.shared.operator_auth import StoredOperatorKey
 from services.shared.operator_keys import new_key
@@ -34,6 +34,7 @@ from .conftest import (
     FakeProducer,
     FakeRepository,
     Pki,
+    audit_row,
     fake_dependencies,
     operator,
     serve,
@@ -139,8 +140,8 @@ def _fill(producer: FakeProducer, repository: FakeRepository) -> None:
         EnvironmentRow("new", None, None, None, 0, 0, 0, 0),
     ]
     repository.audit_rows["acme"] = [
-        AuditRow("c1", "prod", KEY.key_id, "set_desired_state", 2, "applied", None, "r", at, at),
-        AuditRow("c0", "prod", KEY.key_id, "set_desired_state", 1, "stale", "old", None, at, at),
+        audit_row("c1", "prod", KEY.key_id, "set_desired_state", 2, "applied", None, "r", at, at),
+        audit_row("c0", "prod", KEY.key_id, "set_desired_state", 1, "stale", "old", None, at, at),
     ]
 
 

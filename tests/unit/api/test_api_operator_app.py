@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from services.api.repository import AuditRow, EnvironmentRow
+from services.api.repository import EnvironmentRow
 from services.api.settings import ApiSettings
 from services.shared.events import DesiredStateRecord, decode_topic_record
 from services.shared.operator_keys import new_key
@@ -22,6 +22,7 @@ from .conftest import (
     FakeProducer,
     FakeRepository,
     Pki,
+    audit_row,
     operator,
     problem,
     serve,
@@ -268,7 +269,7 @@ async def test_environments_with_liveness(edge: Client, repository: FakeReposito
 async def test_audit(edge: Client, repository: FakeRepository) -> None:
     at = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
     repository.audit_rows["acme"] = [
-        AuditRow(f"c{i}", "prod", "0123456789ab", "set_desired_state", i, "applied", None,
+        audit_row(f"c{i}", "prod", "0123456789ab", "set_desired_state", i, "applied", None,
                  f"r{i}", at, at)
         for i in range(3, 0, -1)
     ]  # fmt: skip

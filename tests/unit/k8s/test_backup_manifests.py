@@ -1,35 +1,20 @@
-"""infra/k8s/backup: CronJobs that never overlap, the exporter, and key custody."""
+"""infra/k8s/backup: CronJobs that never overlap, the exporter, and key custody.
+
+That every container's command starts: tests/integration/test_backup_manifest_commands.py.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any, Final
 
 import pytest
-import yaml
 from pydantic_settings import BaseSettings
 
 from services.backup.settings import BackupSettings, S3Settings
 from services.shared.settings import DatabaseSettings, KafkaSettings
+from tests.support.manifests import containers, documents
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[3]
-MANIFESTS: Final = REPO_ROOT / "infra" / "k8s" / "backup" / "backup.yaml"
 SETTINGS: Final = (DatabaseSettings, KafkaSettings, S3Settings, BackupSettings)
-
-
-def documents() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(MANIFESTS.read_text()) if d is not None]
-
-
-def containers(document: dict[str, Any]) -> list[dict[str, Any]]:
-    if document["kind"] == "CronJob":
-        pod = document["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    else:
-        pod = document["spec"]["template"]["spec"]
-    found: list[dict[str, Any]] = pod["containers"]
-    return found
 
 
 def env_names(cls: type[BaseSettings]) -> set[str]:
@@ -71,21 +56,3 @@ def test_containers_set_only_variables_the_backup_service_reads(document: dict[s
     for container in containers(document):
         unknown = {e["name"] for e in container.get("env", [])} - known
         assert not unknown, f"{container['name']} sets variables nothing reads: {unknown}"
-
-
-@pytest.mark.parametrize(
-    "args",
-    sorted({tuple(c["args"]) for d in documents() for c in containers(d)}),
-    ids=lambda a: " ".join(a),
-)
-def test_each_command_answers_help(args: tuple[str, ...]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", *args, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "usage:" in result.stdout
