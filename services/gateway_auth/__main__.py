@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         ],
         timeout_setting="FLEETPLANE_GATEWAY_AUTH_STARTUP_TIMEOUT_S",
         other_files=lambda settings: (settings.issuing_ca_cert, settings.issuing_ca_key),
+        # Every agent request the edge proxies costs a check here (a cached
+        # answer lasts 1 s), and nginx logs that request already: a line per
+        # check would cost the check path a log record and a formatted line.
+        access_log=False,
     )
 
 
