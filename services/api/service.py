@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from services.api.metrics import ApiMetrics
 from services.shared.events import (
+    AgentEvent,
     AgentEventRecord,
     DesiredState,
     DesiredStateRecord,
@@ -115,17 +116,20 @@ def build_records(
     request_id: str | None,
 ) -> list[AgentEventRecord]:
     """One topic record per event, in batch order, stamped with the edge-verified identity."""
-    return [
-        AgentEventRecord(
-            customer_id=identity.customer_id,
-            environment_id=identity.environment_id,
-            agent_id=identity.agent_id,
-            accepted_at=accepted_at,
-            request_id=request_id,
-            event=event,
-        )
-        for event in batch.events
-    ]
+    return [_record(identity, event, accepted_at, request_id) for event in batch.events]
+
+
+def _record(
+    identity: AgentIdentity, event: AgentEvent, accepted_at: datetime, request_id: str | None
+) -> AgentEventRecord:
+    return AgentEventRecord(
+        customer_id=identity.customer_id,
+        environment_id=identity.environment_id,
+        agent_id=identity.agent_id,
+        accepted_at=accepted_at,
+        request_id=request_id,
+        event=event,
+    )
 
 
 def parse_desired_state(body: bytes) -> DesiredState:
@@ -186,18 +190,7 @@ def encode_records(
     """
     events = batch.events
     first = events[0].model_dump_json().encode()
-    whole = (
-        AgentEventRecord(
-            customer_id=identity.customer_id,
-            environment_id=identity.environment_id,
-            agent_id=identity.agent_id,
-            accepted_at=accepted_at,
-            request_id=request_id,
-            event=events[0],
-        )
-        .model_dump_json()
-        .encode()
-    )
+    whole = _record(identity, events[0], accepted_at, request_id).model_dump_json().encode()
     # '...,"event":' + first + '}': a different layout would be a pydantic change
     # that the byte-for-byte test of this function catches.
     envelope = whole[: len(whole) - len(first) - 1]

@@ -18,7 +18,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -212,34 +211,15 @@ def _status(args: argparse.Namespace) -> int:
 
 
 async def _status_loop(settings: ControllerSettings, args: argparse.Namespace) -> int:
-    from services.controller.ops import (
-        CustomerPartitions,
-        collect_status,
-        read_log_offsets,
-        read_record_times,
-        render,
-    )
+    from services.controller.ops import StatusReader, render
     from services.shared.db import create_engine
 
-    kafka = settings.kafka
     engine = create_engine(settings.database, application_name="controller status")
-    customers = CustomerPartitions()
+    status = StatusReader(engine, settings.kafka)
     try:
         while True:
             try:
-                offsets = await read_log_offsets(kafka.kafka_bootstrap, kafka.events_topic)
-                async with engine.connect() as conn:
-                    report = await collect_status(
-                        conn,
-                        kafka.events_topic,
-                        offsets,
-                        customer=args.customer,
-                        rate_window_s=args.rate_window,
-                        customer_partitions=customers,
-                        record_times=partial(
-                            read_record_times, kafka.kafka_bootstrap, kafka.events_topic
-                        ),
-                    )
+                report = await status.read(args.customer, args.rate_window)
             except Exception as e:
                 print(f"cannot read status: {e.__class__.__name__}: {e}", file=sys.stderr)
                 if args.watch is None:

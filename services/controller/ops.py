@@ -19,16 +19,18 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from sqlalchemy import case, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared.kafka_admin import kafka_admin
 from services.shared.kafka_admin import topic_partitions as shared_topic_partitions
 from services.shared.schema import environments, event_records, partition_ownership
+from services.shared.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +343,32 @@ class StatusReport:
             body["customer"] = asdict(self.customer)
         body.update(self.extra)
         return body
+
+
+@dataclass
+class StatusReader:
+    """Reads ``collect_status`` with Kafka's log offsets and record times as they are
+    now: what the ``status`` command and the controllers' ``/status`` page both show."""
+
+    engine: AsyncEngine
+    kafka: KafkaSettings
+    customers: CustomerPartitions = field(default_factory=CustomerPartitions)
+
+    async def read(
+        self, customer: str | None = None, rate_window_s: float = RATE_WINDOW_S
+    ) -> StatusReport:
+        topic = self.kafka.events_topic
+        offsets = await read_log_offsets(self.kafka.kafka_bootstrap, topic)
+        async with self.engine.connect() as conn:
+            return await collect_status(
+                conn,
+                topic,
+                offsets,
+                customer=customer,
+                rate_window_s=rate_window_s,
+                customer_partitions=self.customers,
+                record_times=partial(read_record_times, self.kafka.kafka_bootstrap, topic),
+            )
 
 
 async def collect_status(

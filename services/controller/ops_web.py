@@ -22,11 +22,9 @@ from services.controller.metrics import ControllerMetrics
 from services.controller.ops import (
     CustomerPartitions,
     StallTracker,
-    collect_status,
+    StatusReader,
     count_environments,
     liveness_of_owned,
-    read_log_offsets,
-    read_record_times,
 )
 from services.controller.ownership import Claim
 from services.controller.retention import RecordPruner
@@ -100,24 +98,13 @@ def register_ops(
     consumer held back by a stuck batch stops fetching, so its last fetch goes stale)."""
     kafka = settings.kafka
     customers = CustomerPartitions()
-
-    async def record_times(positions: Mapping[int, int]) -> dict[int, float]:
-        return await read_record_times(kafka.kafka_bootstrap, kafka.events_topic, positions)
+    reader = StatusReader(engine, kafka, customers)
 
     @app.page("/status")
     async def status(web: Any, request: Any) -> Any:
         customer = request.query.get("customer") or None
         try:
-            offsets = await read_log_offsets(kafka.kafka_bootstrap, kafka.events_topic)
-            async with engine.connect() as conn:
-                report = await collect_status(
-                    conn,
-                    kafka.events_topic,
-                    offsets,
-                    customer=customer,
-                    customer_partitions=customers,
-                    record_times=record_times,
-                )
+            report = await reader.read(customer)
         except Exception as e:
             logger.warning("status: %s", e, exc_info=True)
             return web.json({"error": f"{e.__class__.__name__}: {e}"}, status=503)
