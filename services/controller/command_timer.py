@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import KW_ONLY, dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -15,42 +16,34 @@ from services.controller.store import expire_commands
 logger = logging.getLogger(__name__)
 
 
+@dataclass
 class CommandTimer:
     """Re-offers overdue commands and times out those out of attempts, per held partition."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        ownerships: Ownerships,
-        metrics: ControllerMetrics,
-        *,
-        ack_timeout_s: float,
-        max_attempts: int,
-        max_backoff_s: float = 60.0,
-    ) -> None:
-        self._engine = engine
-        self._ownerships = ownerships
-        self._metrics = metrics
-        self._ack_timeout_s = ack_timeout_s
-        self._max_attempts = max_attempts
-        self._max_backoff_s = max_backoff_s
+    engine: AsyncEngine
+    ownerships: Ownerships
+    metrics: ControllerMetrics
+    _: KW_ONLY
+    ack_timeout_s: float
+    max_attempts: int
+    max_backoff_s: float = 60.0
 
     async def tick(self) -> None:
-        for partition, claim in sorted(self._ownerships.held().items()):
+        for partition, claim in sorted(self.ownerships.held().items()):
             try:
-                async with self._engine.begin() as conn:
+                async with self.engine.begin() as conn:
                     await check_fenced(conn, claim)
                     reoffered, timed_out = await expire_commands(
                         conn,
                         partition=partition,
                         epoch=claim.epoch,
-                        ack_timeout_s=self._ack_timeout_s,
-                        max_attempts=self._max_attempts,
-                        max_backoff_s=self._max_backoff_s,
+                        ack_timeout_s=self.ack_timeout_s,
+                        max_attempts=self.max_attempts,
+                        max_backoff_s=self.max_backoff_s,
                     )
             except FencedError:
-                self._metrics.fenced_writes.inc()
-                self._ownerships.release_claim(claim)
+                self.metrics.fenced_writes.inc()
+                self.ownerships.release_claim(claim)
                 continue
             except Exception as e:
                 if not is_back_pressure(e):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import KW_ONLY, dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -53,27 +54,19 @@ async def prune_expired(
     return int(result.rowcount)
 
 
+@dataclass
 class RecordPruner:
     """Prunes expired event records of the partitions held in ``ownerships``."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        ownerships: Ownerships,
-        metrics: ControllerMetrics,
-        *,
-        retention_s: float,
-        chunk_rows: int,
-        max_chunks_per_partition: int = 20,
-    ) -> None:
-        self._engine = engine
-        self._ownerships = ownerships
-        self._metrics = metrics
-        self._retention_s = retention_s
-        self._chunk_rows = chunk_rows
-        # A backlog (the first run after an outage) is worked off over several ticks
-        # instead of one long burst competing with the apply transactions.
-        self._max_chunks = max_chunks_per_partition
+    engine: AsyncEngine
+    ownerships: Ownerships
+    metrics: ControllerMetrics
+    _: KW_ONLY
+    retention_s: float
+    chunk_rows: int
+    max_chunks_per_partition: int = 20
+    """A backlog (the first run after an outage) is worked off over several ticks
+    instead of one long burst competing with the apply transactions."""
 
     async def tick(self) -> int:
         """One pruning round over the held partitions; returns the rows deleted.
@@ -82,33 +75,33 @@ class RecordPruner:
         ends the round, and the next tick tries again.
         """
         total = 0
-        for partition, claim in sorted(self._ownerships.held().items()):
-            for _ in range(self._max_chunks):
+        for partition, claim in sorted(self.ownerships.held().items()):
+            for _ in range(self.max_chunks_per_partition):
                 try:
-                    async with self._engine.begin() as conn:
+                    async with self.engine.begin() as conn:
                         await check_fenced(conn, claim)
                         deleted = await prune_expired(
                             conn,
                             partition=partition,
-                            retention_s=self._retention_s,
-                            limit=self._chunk_rows,
+                            retention_s=self.retention_s,
+                            limit=self.chunk_rows,
                         )
                 except FencedError:
-                    self._metrics.fenced_writes.inc()
-                    self._ownerships.release([partition])
+                    self.metrics.fenced_writes.inc()
+                    self.ownerships.release([partition])
                     break
                 except Exception as e:
                     if not is_back_pressure(e):
                         raise
                     logger.warning("pruning: database unavailable (%s); next tick retries", e)
                     return total
-                self._metrics.records_pruned.inc(deleted)
+                self.metrics.records_pruned.inc(deleted)
                 total += deleted
-                if deleted < self._chunk_rows:
+                if deleted < self.chunk_rows:
                     break
                 await asyncio.sleep(0)  # let the apply agent in between chunks
         if total:
-            logger.info("pruned %d event records older than %.0f s", total, self._retention_s)
+            logger.info("pruned %d event records older than %.0f s", total, self.retention_s)
         return total
 
 
