@@ -274,7 +274,15 @@ def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
         "api_processes": len(stack.api_ports),
         "load_generator": "bench/loadgen (Go, net/http, one kept-alive mTLS connection per agent)",
         "edge_limits": {
-            key: settings[key] for key in ("AGENT_RATE", "AGENT_BURST", "AGENT_CONN", "EDGE_CONN")
+            key: settings[key]
+            for key in (
+                "AGENT_RATE",
+                "AGENT_BURST",
+                "AGENT_CONN",
+                "EDGE_CONN",
+                "API_CONNS",
+                "CHECK_CONNS",
+            )
         },
         "nginx_workers": int(settings["NGINX_WORKERS"]),
         "upstream_of_edge_only": "no-op nginx, 202 over mutual TLS",

@@ -23,6 +23,13 @@ _LIB_VALUES = {
     "CRS_SETUP": "CRS_SETUP",
     "CRS_RULES": "CRS_RULES",
     "PROBE_BASE_PORT": "EDGE_PROBE_BASE_PORT",
+    # The stack edge's limits, which benchmarks record beside their figures.
+    "AGENT_RATE": "EDGE_AGENT_RATE",
+    "AGENT_BURST": "EDGE_AGENT_BURST",
+    "AGENT_CONN": "EDGE_AGENT_CONN",
+    "EDGE_CONN": "EDGE_CONN",
+    "API_CONNS": "EDGE_API_CONNS",
+    "CHECK_CONNS": "EDGE_CHECK_CONNS",
 }
 
 
