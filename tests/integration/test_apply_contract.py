@@ -23,7 +23,7 @@ from services.controller.store import PendingFence
 from services.shared.db import create_engine
 from tests.support.apply_sources import KafkaLog, Log, MemoryLog, Reader
 from tests.support.deployment import Deployment
-from tests.support.records import encode, heartbeat_record
+from tests.support.records import REFUSE_MARKED, encode, heartbeat_record
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -205,19 +205,6 @@ async def test_poison_in_the_middle_of_a_batch_is_dead_lettered_and_the_rest_app
     assert fleet.applied(0) == [("ev-0-1", 0), ("ev-0-2", 2), ("ev-0-3", 3)]
     assert fleet.applied(1) == [("ev-1-1", 0), ("ev-1-2", 1)]
     assert fleet.stored() == {0: (4, "contract-a"), 1: (2, "contract-a")}
-
-
-REFUSE_MARKED = """
-CREATE FUNCTION refuse_marked() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.event_id LIKE 'refused-%' THEN
-        RAISE EXCEPTION 'value refused for %', NEW.event_id USING ERRCODE = '22023';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER refuse_marked BEFORE INSERT ON event_records
-    FOR EACH ROW EXECUTE FUNCTION refuse_marked();
-"""
 
 
 async def test_a_record_the_database_refuses_is_dead_lettered_alone(fleet: Fleet) -> None:

@@ -25,29 +25,13 @@ from psycopg import sql
 from services.controller.dead_letters import DeadLetter, read_dead_letters
 from tests.support.deployment import Deployment
 from tests.support.processes import ServiceProcess
-from tests.support.records import encode, heartbeat_record
+from tests.support.records import REFUSE_MARKED, encode, heartbeat_record
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(180)
 
 CUSTOMERS = [f"cust-{i}" for i in range(8)]
 REFUSED_EVENT = "refused-cust-3-13"
-
-# The contract refuses every value PostgreSQL would (tests/integration/test_contract_limits.py),
-# so a refusal the controller meets is one nobody foresaw: a constraint added later,
-# a limit of a new column. A trigger stands for it, refusing one marked record with
-# SQLSTATE 22023 (invalid_parameter_value) as the server would.
-REFUSE_MARKED = """
-CREATE FUNCTION refuse_marked() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.event_id LIKE 'refused-%' THEN
-        RAISE EXCEPTION 'value refused for %', NEW.event_id USING ERRCODE = '22023';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER refuse_marked BEFORE INSERT ON event_records
-    FOR EACH ROW EXECUTE FUNCTION refuse_marked();
-"""
 
 
 def dsn(deployment: Deployment) -> str:

@@ -14,7 +14,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway_auth.ca import CertificateAuthority
 from services.shared.identity import AgentIdentity
@@ -75,24 +74,7 @@ async def assert_refused(
 
 async def events_answered_by_apis(deployment: Deployment) -> float:
     """How many requests to /v1/events the running APIs have answered, read from their /metrics."""
-    total = 0.0
-    for port in deployment.apis:
-        async with (
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=deployment.api_ssl_context())
-            ) as session,
-            session.get(f"https://127.0.0.1:{port}/metrics") as reply,
-        ):
-            assert reply.status == 200
-            text = await reply.text()
-        for family in text_string_to_metric_families(text):
-            if family.name == "fleetplane_api_requests":
-                total += sum(
-                    s.value
-                    for s in family.samples
-                    if s.name.endswith("_total") and s.labels.get("route") == "/v1/events"
-                )
-    return total
+    return await deployment.api_metric("fleetplane_api_requests", route="/v1/events")
 
 
 async def test_edge_refuses_a_certificate_from_another_ca(

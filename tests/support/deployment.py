@@ -49,8 +49,9 @@ class Deployment:
         context.check_hostname = False
         return context
 
-    async def api_metric(self, name: str) -> float:
-        """The sum of every sample of ``name`` on the running APIs' /metrics (0 when absent)."""
+    async def api_metric(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s values on the running APIs' /metrics whose labels include
+        ``labels`` (0 when absent); a counter's ``_created`` timestamps are not values."""
         total = 0.0
         for port in self.apis:
             async with (
@@ -63,7 +64,12 @@ class Deployment:
                 text = await reply.text()
             for family in text_string_to_metric_families(text):
                 if family.name == name:
-                    total += sum(sample.value for sample in family.samples)
+                    total += sum(
+                        sample.value
+                        for sample in family.samples
+                        if not sample.name.endswith("_created")
+                        and labels.items() <= sample.labels.items()
+                    )
         return total
 
     async def until_long_polls_wait(self, count: int = 1) -> None:

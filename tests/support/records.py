@@ -33,18 +33,28 @@ def heartbeat_record(
     agent_version: str = "1.4.2",
 ) -> dict[str, Any]:
     """One heartbeat as the API would put it on the topic, as a JSON-ready dict."""
-    record = AgentEventRecord(
-        customer_id=customer,
-        environment_id=environment,
-        agent_id=agent,
-        accepted_at=datetime.now(UTC),
-        event=HeartbeatEvent(
+    return _on_topic(
+        customer,
+        environment,
+        agent,
+        HeartbeatEvent(
             id=event_id,
             boot_id="boot-1",
             seq=seq,
             type="heartbeat",
             payload=HeartbeatPayload(agent_version=agent_version, health="ok"),
         ),
+    )
+
+
+def _on_topic(customer: str, environment: str, agent: str, event: Any) -> dict[str, Any]:
+    """The record the API would put on the topic for this agent's event, JSON-ready."""
+    record = AgentEventRecord(
+        customer_id=customer,
+        environment_id=environment,
+        agent_id=agent,
+        accepted_at=datetime.now(UTC),
+        event=event,
     )
     as_json: dict[str, Any] = record.model_dump(mode="json", exclude_none=True)
     return as_json
@@ -65,12 +75,11 @@ def observed_state_record(
     agent: str = "agent-1",
 ) -> dict[str, Any]:
     """One observed-state report (the agent's full state) as the API would put it on the topic."""
-    record = AgentEventRecord(
-        customer_id=customer,
-        environment_id=environment,
-        agent_id=agent,
-        accepted_at=datetime.now(UTC),
-        event=ObservedStateEvent(
+    return _on_topic(
+        customer,
+        environment,
+        agent,
+        ObservedStateEvent(
             id=event_id,
             boot_id="boot-1",
             seq=seq,
@@ -80,8 +89,6 @@ def observed_state_record(
             ),
         ),
     )
-    as_json: dict[str, Any] = record.model_dump(mode="json", exclude_none=True)
-    return as_json
 
 
 def command_result_record(
@@ -94,12 +101,11 @@ def command_result_record(
     agent: str = "agent-1",
 ) -> dict[str, Any]:
     """One command result as the API would put it on the topic."""
-    record = AgentEventRecord(
-        customer_id=customer,
-        environment_id=environment,
-        agent_id=agent,
-        accepted_at=datetime.now(UTC),
-        event=CommandResultEvent(
+    return _on_topic(
+        customer,
+        environment,
+        agent,
+        CommandResultEvent(
             id=event_id,
             boot_id="boot-1",
             seq=seq,
@@ -109,5 +115,20 @@ def command_result_record(
             ),
         ),
     )
-    as_json: dict[str, Any] = record.model_dump(mode="json", exclude_none=True)
-    return as_json
+
+
+# The contract refuses every value PostgreSQL would (tests/integration/test_contract_limits.py),
+# so a refusal the controller meets is one nobody foresaw: a constraint added later,
+# a limit of a new column. A trigger stands for it, refusing one marked record with
+# SQLSTATE 22023 (invalid_parameter_value) as the server would.
+REFUSE_MARKED = """
+CREATE FUNCTION refuse_marked() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.event_id LIKE 'refused-%' THEN
+        RAISE EXCEPTION 'value refused for %', NEW.event_id USING ERRCODE = '22023';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_marked BEFORE INSERT ON event_records
+    FOR EACH ROW EXECUTE FUNCTION refuse_marked();
+"""
