@@ -281,7 +281,6 @@ def run(stack: Stack) -> tuple[dict[str, Any], dict[str, Any]]:
                 "AGENT_CONN",
                 "EDGE_CONN",
                 "API_CONNS",
-                "CHECK_CONNS",
             )
         },
         "nginx_workers": int(settings["NGINX_WORKERS"]),

@@ -32,7 +32,7 @@ render() {
         --agent-rate "$EDGE_AGENT_RATE" --agent-burst "$EDGE_AGENT_BURST" \
         --agent-conn "$EDGE_AGENT_CONN" --operator-rate "$EDGE_OPERATOR_RATE" \
         --operator-burst "$EDGE_OPERATOR_BURST" --operator-conn "$EDGE_OPERATOR_CONN" \
-        --edge-conn "$EDGE_CONN" --api-conns "$EDGE_API_CONNS" --check-conns "$EDGE_CHECK_CONNS" ||
+        --edge-conn "$EDGE_CONN" --api-conns "$EDGE_API_CONNS" ||
         die "nginx: rendering $TEMPLATE failed"
     "${NGINX[@]}" -t -q 2>"$NGINX_DIR/logs/config-test.log" ||
         { cat "$NGINX_DIR/logs/config-test.log" >&2; die "nginx: configuration test failed ($CONF)"; }

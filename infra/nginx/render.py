@@ -58,8 +58,7 @@ class EdgeLimits:
     above it, requests in flight (a long poll counts while it waits). Operators
     and enrollment: the same per client address. ``edge_conn`` bounds requests
     in flight on the whole edge. ``api_conns`` bounds the requests in flight to
-    each API instance on every route but the long poll, and ``check_conns`` the
-    certificate checks in flight to gateway_auth: beyond either, 503 with
+    each API instance on every route but the long poll: beyond it, 503 with
     Retry-After at once instead of a queue.
     """
 
@@ -71,7 +70,6 @@ class EdgeLimits:
     operator_conn: int = 16
     edge_conn: int = 3000
     api_conns: int = 64
-    check_conns: int = 128
 
     @classmethod
     def unlimited(cls) -> EdgeLimits:
@@ -85,7 +83,6 @@ class EdgeLimits:
             operator_conn=60_000,
             edge_conn=60_000,
             api_conns=60_000,
-            check_conns=60_000,
         )
 
 
@@ -103,7 +100,7 @@ class EdgeConfig:
     api_servers: Sequence[str]
     """``host:port`` of each API instance."""
     gateway_auth: str
-    """``host:port`` of gateway_auth (which also answers the certificate check)."""
+    """``host:port`` of gateway_auth (enrollment, renewal, identity administration)."""
     nginx_modules: str = "/usr/lib/nginx/modules"
     workers: str = "1"
     pid_file: str = ""
@@ -154,7 +151,6 @@ def edge_values(config: EdgeConfig) -> dict[str, str]:
         ),
         "API_POLL_SERVERS": "\n".join(_POLL_SERVER.format(address=a) for a in config.api_servers),
         "GATEWAY_AUTH_SERVER": config.gateway_auth,
-        "CHECK_CONNS": str(limits.check_conns),
         "AGENT_RATE": str(limits.agent_rate),
         "AGENT_BURST": str(limits.agent_burst),
         "AGENT_CONN": str(limits.agent_conn),

@@ -21,6 +21,7 @@ from services.api.revocation_watch import RevocationWatch
 from services.api.routes import setup_routes
 from services.api.service import EventService, RecordProducer
 from services.api.settings import ApiSettings
+from services.shared.certificate_check import CertificateCheck
 from services.shared.channels import COMMANDS_CHANNEL, IDENTITY_CHANNEL
 from services.shared.notify import Channel, psycopg_follower, reloading
 from services.shared.web.middlewares import http_middlewares
@@ -144,7 +145,9 @@ def create_app(
 
     @asynccontextmanager
     async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[keys.WATCH] = watch = RevocationWatch(app[keys.METRICS].revocation_delay)
+        metrics = app[keys.METRICS]
+        check = CertificateCheck(metrics.certificate_checks, metrics.revocation_delay)
+        app[keys.WATCH] = watch = RevocationWatch(check)
         async with deps.follower(settings, app[keys.SIGNALS], watch):
             yield
             # Waiting polls were already answered by end_polls (on_shutdown).

@@ -45,8 +45,8 @@ from services.api.operators import (
 )
 from services.shared.commands import CommandsReply
 from services.shared.edge_auth import (
-    SERIAL_HEADER,
-    identity_from_request,
+    AgentCertificate,
+    agent_certificate_from_request,
     operator_credentials_from_request,
 )
 from services.shared.events import EventId
@@ -59,6 +59,7 @@ from services.shared.problems import (
     ServiceUnavailable,
     ValidationFailed,
 )
+from services.shared.revocations import REVOKED, UNKNOWN_ISSUER
 from services.shared.web.body import read_json_body as read_body
 from services.shared.web.database import database_errors as shared_database_errors
 from services.shared.web.tls import peer_cert as _peer_cert
@@ -83,19 +84,46 @@ def database_errors(request: web.Request, what: str) -> AbstractContextManager[N
     )
 
 
-def agent_identity(request: web.Request) -> AgentIdentity:
-    """The calling agent, as verified by the edge. Raises Unauthenticated or Forbidden."""
-    identity = identity_from_request(
+async def agent_certificate(request: web.Request) -> AgentCertificate:
+    """The calling agent's certificate, as the edge verified it, once it passed the check.
+
+    The check (``services.shared.certificate_check``) refuses a revoked
+    certificate, one of a retired or unknown issuing CA and one with ambiguous
+    names: 403 ``certificate-refused``. An issuing CA this process has not heard
+    of may have been registered a moment ago (its NOTIFY still on the way): the
+    database decides before the refusal. Raises Unauthenticated or Forbidden
+    for a request that is not an agent's through the edge.
+    """
+    certificate = agent_certificate_from_request(
         request.headers.items(),
         _peer_cert(request),
         edge_cn=request.app[SETTINGS].edge_client_cn,
     )
+    check = request.app[WATCH].check
+    reason = check.check(certificate)
+    if reason == UNKNOWN_ISSUER and certificate.issuer_dn is not None:
+        with database_errors(request, "issuing CA lookup"):
+            issuer = await request.app[REPOSITORY].issuer(certificate.issuer_dn)
+        if issuer is not None:
+            check.note_issuer(issuer.subject_dn, issuer.retire_at)
+            reason = check.check(certificate)
+    serial = check.unrecorded_serial(certificate) if reason == REVOKED else None
+    if serial is not None:
+        with database_errors(request, "certificate lookup"):
+            issued_at = await request.app[REPOSITORY].certificate_issued_at(serial)
+        check.note_lookup(serial, issued_at)
+        reason = check.check(certificate)
+    if reason is not None:
+        raise CertificateRevoked(reason)
     log.debug(
-        "agent %s (certificate serial %s)",
-        identity.spiffe_uri,
-        request.headers.get(SERIAL_HEADER, "?"),
+        "agent %s (certificate serial %s)", certificate.identity.spiffe_uri, certificate.serial
     )
-    return identity
+    return certificate
+
+
+async def agent_identity(request: web.Request) -> AgentIdentity:
+    """``agent_certificate``'s identity; same errors."""
+    return (await agent_certificate(request)).identity
 
 
 async def read_json_body(request: web.Request) -> bytes:
@@ -106,7 +134,7 @@ async def read_json_body(request: web.Request) -> bytes:
 async def post_events(request: web.Request) -> web.Response:
     """``POST /v1/events``: 202 ``{"accepted": [ids]}`` once Kafka acknowledged every event."""
     try:
-        identity = agent_identity(request)
+        identity = await agent_identity(request)
         body = await read_json_body(request)
         accepted = await request.app[EVENTS].accept(
             body,
@@ -124,7 +152,7 @@ async def post_events(request: web.Request) -> web.Response:
 
 async def get_event(request: web.Request) -> web.Response:
     """``GET /v1/events/{event_id}``: what became of one of the caller's own events."""
-    identity = agent_identity(request)
+    identity = await agent_identity(request)
     event_id = request.match_info["event_id"]
     try:
         _EVENT_ID.validate_python(event_id)
@@ -154,11 +182,11 @@ async def get_commands(request: web.Request) -> web.Response:
 
     A poll whose certificate is revoked while it waits ends at once with 403.
     """
-    identity = agent_identity(request)
+    certificate = await agent_certificate(request)
+    identity = certificate.identity
     wait_s = parse_wait(request.query.getall("wait", []))
-    serial = request.headers.get(SERIAL_HEADER)
     watch = request.app[WATCH]
-    with watch.watch(identity, serial) as revoked:
+    with watch.watch(certificate) as revoked:
         if revoked.is_set():
             raise CertificateRevoked("the client certificate was revoked")
         poll = asyncio.ensure_future(
@@ -174,7 +202,7 @@ async def get_commands(request: web.Request) -> web.Response:
         if not poll.done() or poll.cancelled():
             with contextlib.suppress(asyncio.CancelledError):
                 await poll
-            watch.observe_refusal(identity, serial)
+            watch.check.observe_longpoll_refusal(certificate)
             raise CertificateRevoked("the client certificate was revoked while the poll waited")
     return _json(poll.result())
 
@@ -282,10 +310,15 @@ async def readyz(request: web.Request) -> web.Response:
         ),
         _probe("PostgreSQL", request.app[REPOSITORY].ping()),
     )
-    down = [name for name, ok in (("Kafka", kafka), ("PostgreSQL", database)) if not ok]
+    down = [
+        f"{name} unreachable" for name, ok in (("Kafka", kafka), ("PostgreSQL", database)) if not ok
+    ]
+    if not request.app[WATCH].loaded:
+        # Every agent request needs the trust state; it loads once LISTEN is up.
+        down.append("revocation state not loaded yet")
     if down:
         raise ServiceUnavailable(
-            f"not ready: {' and '.join(down)} unreachable", retry_after_s=settings.retry_after_s
+            f"not ready: {'; '.join(down)}", retry_after_s=settings.retry_after_s
         )
     return _json(ReadyReply(status="ready", checks={"kafka": "ok", "postgresql": "ok"}))
 

@@ -25,4 +25,5 @@ SIGNALS: Final = web.AppKey("signals", CommandSignals)
 """Wakes waiting long polls; fed by the LISTEN connection (tests call it directly)."""
 POLLER: Final = web.AppKey("poller", CommandPoller)
 WATCH: Final = web.AppKey("revocation_watch", RevocationWatch)
-"""Ends waiting long polls of revoked certificates; fed by the identity follower."""
+"""The per-request certificate check, and ending waiting long polls of revoked certificates;
+fed by the identity follower."""

@@ -22,6 +22,7 @@ class ApiMetrics:
     produce_duration: Histogram
     kafka_unavailable: Counter
     revocation_delay: Histogram
+    certificate_checks: Counter
     command_delivery: Histogram
     database_pool: Gauge
     long_polls_waiting: Gauge
@@ -48,6 +49,7 @@ class ApiMetrics:
             produce_duration=specs.histogram(registry, specs.API_PRODUCE_DURATION),
             kafka_unavailable=specs.counter(registry, specs.API_KAFKA_UNAVAILABLE),
             revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
+            certificate_checks=specs.counter(registry, specs.CERTIFICATE_CHECKS),
             command_delivery=specs.histogram(registry, specs.API_COMMAND_DELIVERY),
             database_pool=specs.gauge(registry, specs.DATABASE_POOL_CONNECTIONS),
             long_polls_waiting=specs.gauge(registry, specs.API_LONG_POLLS_WAITING),

@@ -282,10 +282,11 @@ _PROBLEMS: Final[dict[int, tuple[str, str]]] = {
     ),
     503: (
         "ServiceUnavailable",
-        "A dependency (Kafka or PostgreSQL) is unavailable, or the service is shedding load "
+        "A dependency (Kafka or PostgreSQL) is unavailable, the process is starting (its "
+        "certificate revocation state is not loaded yet), or the service is shedding load "
         "(problem type ``urn:fleetplane:problem:overloaded``: more requests in flight than "
-        "it takes, or the client certificate could not be checked in time); nothing was "
-        "accepted. Retry the same request after Retry-After seconds, with jitter.",
+        "it takes); nothing was accepted. Retry the same request after Retry-After seconds, "
+        "with jitter.",
     ),
 }
 _OPERATOR_401: Final = (

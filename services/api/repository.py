@@ -17,10 +17,12 @@ from services.shared.db import create_engine, pool_use
 from services.shared.identity import AgentIdentity
 from services.shared.operator_auth import StoredOperatorKey
 from services.shared.schema import (
+    agent_certificates,
     agent_status,
     commands,
     environments,
     event_records,
+    issuing_cas,
     operator_audit,
     operator_keys,
 )
@@ -50,6 +52,14 @@ class EnvironmentRow:
     observed_revision: int
     pending_commands: int
     agents: int
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerRecord:
+    """A registered issuing CA: the per-request check asks for one it has not heard of yet."""
+
+    subject_dn: str
+    retire_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +113,14 @@ class FleetRepository(Protocol):
 
     async def operator_key(self, key_id: str) -> StoredOperatorKey | None:
         """The key with this id unless it is unknown or revoked."""
+        ...
+
+    async def issuer(self, subject_dn: str) -> IssuerRecord | None:
+        """The registered issuing CA with this subject DN, or None."""
+        ...
+
+    async def certificate_issued_at(self, serial: str) -> datetime | None:
+        """When gateway_auth issued the certificate with this serial (normalised), or None."""
         ...
 
     async def ping(self) -> None:
@@ -280,6 +298,18 @@ class SqlFleetRepository:
         if row is None:
             return None
         return StoredOperatorKey(row.key_id, bytes(row.secret_sha256), row.customer_id)
+
+    async def issuer(self, subject_dn: str) -> IssuerRecord | None:
+        query = select(issuing_cas.c.retire_at).where(issuing_cas.c.subject_dn == subject_dn)
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(query)).one_or_none()
+        return None if row is None else IssuerRecord(subject_dn, row.retire_at)
+
+    async def certificate_issued_at(self, serial: str) -> datetime | None:
+        query = select(agent_certificates.c.issued_at).where(agent_certificates.c.serial == serial)
+        async with self.engine.connect() as connection:
+            issued_at: datetime | None = (await connection.execute(query)).scalar_one_or_none()
+        return issued_at
 
     async def ping(self) -> None:
         async with self.engine.connect() as connection:

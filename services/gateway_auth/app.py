@@ -4,7 +4,6 @@ Routes (all behind the edge, over the internal mTLS hop):
 
 - ``POST /v1/enroll``: enrollment listener (no client certificate; token + CSR).
 - ``POST /v1/renew``: agent listener (the current certificate; CSR).
-- ``GET /v1/internal/authz``: nginx's ``auth_request`` on every agent request.
 - ``POST /v1/operator/customers/{c}/enrollment-tokens``,
   ``POST /v1/operator/customers/{c}/revocations``,
   ``GET /v1/operator/customers/{c}/identity-audit``: operator listener, bearer keys.
@@ -19,21 +18,24 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Final
+from typing import Any, Final
 
+import psycopg
 from aiohttp import web
 
 from services.gateway_auth import handlers
 from services.gateway_auth.admission import admission
 from services.gateway_auth.keys import METRICS, OPERATORS, SERVICE, SETTINGS, STORE, TRUST
-from services.gateway_auth.service import GatewayMetrics, IdentityService, IssuingCa, TrustKeeper
+from services.gateway_auth.service import GatewayMetrics, IdentityService, IssuingCa
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
+from services.shared.certificate_check import CertificateCheck
 from services.shared.channels import IDENTITY_CHANNEL
 from services.shared.db import create_engine
 from services.shared.identity_journal import IdentityJournal
 from services.shared.notify import psycopg_follower, reloading
 from services.shared.operator_auth import OperatorAuthenticator
+from services.shared.revocations import load_trust_state
 from services.shared.web.middlewares import http_middlewares
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,10 @@ def create_app(settings: GatewayAuthSettings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics = GatewayMetrics.create()
-    app[TRUST] = trust = TrustKeeper(metrics)
+    app[TRUST] = trust = CertificateCheck(metrics.certificate_checks, metrics.revocation_delay)
+
+    async def reload_trust(connection: psycopg.AsyncConnection[Any]) -> None:
+        trust.state = await load_trust_state(connection)
 
     @asynccontextmanager
     async def database_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -85,7 +90,7 @@ def create_app(settings: GatewayAuthSettings) -> web.Application:
     async def follower_ctx(app: web.Application) -> AsyncIterator[None]:
         follower = psycopg_follower(
             settings.database.libpq_dsn,
-            [reloading(IDENTITY_CHANNEL, trust.reload, settings.trust_reload_s)],
+            [reloading(IDENTITY_CHANNEL, reload_trust, settings.trust_reload_s)],
             name="fleetplane-gateway-auth-listen",
         )
         async with follower.running():

@@ -44,7 +44,6 @@ from services.shared.identity_journal import JournalUnavailable
 from services.shared.params import limit_param, path_id
 from services.shared.problems import (
     FieldError,
-    Forbidden,
     NotFound,
     ServiceUnavailable,
     Unauthenticated,
@@ -56,7 +55,6 @@ from services.shared.web.tls import peer_cert as _peer_cert
 
 log = logging.getLogger(__name__)
 
-REFUSAL_HEADER: Final = "X-Fleetplane-Refusal"
 AUDIT_LIMIT_DEFAULT: Final = 100
 AUDIT_LIMIT_MAX: Final = 500
 MAX_BODY_BYTES: Final = 64 * 1024
@@ -204,32 +202,6 @@ async def renew(request: web.Request) -> web.Response:
     return _json(_issued(issued), status=201)
 
 
-async def authz(request: web.Request) -> web.Response:
-    """nginx ``auth_request``: 200 passes the agent's request on, 401 refuses it.
-
-    What is refused: ``TrustKeeper.check``.
-
-    nginx understands only 2xx, 401 and 403 from here; the edge turns 401 into a
-    403 problem for the agent, whose detail is ``X-Fleetplane-Refusal``. Anyone
-    but the edge gets the same 401, as a problem body.
-    """
-    try:
-        certificate = agent_certificate_from_request(
-            request.headers.items(),
-            _peer_cert(request),
-            edge_cn=request.app[SETTINGS].edge_client_cn,
-        )
-        reason = request.app[TRUST].check(certificate)
-    except Unauthenticated as refused:
-        reason = refused.detail
-    except Forbidden as refused:
-        reason = refused.detail
-    if reason is None:
-        return web.Response(status=200)
-    request.app[METRICS].refusals.labels(reason="edge-check").inc()
-    raise Unauthenticated(reason, headers={REFUSAL_HEADER: reason})
-
-
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -267,7 +239,6 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)
     router.add_get("/metrics", metrics)
-    router.add_get("/v1/internal/authz", authz)
     router.add_post("/v1/enroll", enroll)
     router.add_post("/v1/renew", renew)
     customer = "/v1/operator/customers/{customer_id}"

@@ -6,9 +6,10 @@ from typing import Final
 
 from aiohttp import web
 
-from services.gateway_auth.service import GatewayMetrics, IdentityService, TrustKeeper
+from services.gateway_auth.service import GatewayMetrics, IdentityService
 from services.gateway_auth.settings import GatewayAuthSettings
 from services.gateway_auth.store import IdentityStore
+from services.shared.certificate_check import CertificateCheck
 from services.shared.operator_auth import OperatorAuthenticator
 from services.shared.web.middlewares import REQUEST_ID as REQUEST_ID
 
@@ -17,4 +18,4 @@ METRICS: Final = web.AppKey("metrics", GatewayMetrics)
 STORE: Final = web.AppKey("store", IdentityStore)
 OPERATORS: Final = web.AppKey("operators", OperatorAuthenticator)
 SERVICE: Final = web.AppKey("service", IdentityService)
-TRUST: Final = web.AppKey("trust", TrustKeeper)
+TRUST: Final = web.AppKey("trust", CertificateCheck)

@@ -1,4 +1,4 @@
-"""Agent identity lifecycle: enrollment, renewal, revocation, the edge's check. No aiohttp.
+"""Agent identity lifecycle: enrollment, renewal, revocation. No aiohttp.
 
 Handlers parse HTTP and call these; everything that decides lives here.
 """
@@ -8,20 +8,17 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-import psycopg
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.gateway_auth.ca import CertificateAuthority
 from services.gateway_auth.csr import CsrRefused, check_csr
-from services.gateway_auth.names import NameCheck
 from services.gateway_auth.problems import (
     CertificateRefused,
     EnrollmentTokenExpired,
@@ -31,16 +28,14 @@ from services.gateway_auth.problems import (
 )
 from services.gateway_auth.store import CertificateRecord, IdentityStore, NewToken, StoredToken
 from services.shared import metrics as specs
+from services.shared.certificate_check import CertificateCheck
 from services.shared.edge_auth import AgentCertificate
 from services.shared.identity import AgentIdentity
-from services.shared.problems import Unauthenticated
-from services.shared.revocations import TrustState, load_trust_state, normal_serial
+from services.shared.revocations import normal_serial
 
 log = logging.getLogger(__name__)
 
 TOKEN_PREFIX: Final = "fpe_"  # noqa: S105  # a prefix, not a secret
-MAX_OBSERVED: Final = 100_000
-"""Bounds the set of certificates whose first refusal was measured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +44,7 @@ class GatewayMetrics:
     requests: Counter
     issued: Counter
     refusals: Counter
-    edge_checks: Counter
+    certificate_checks: Counter
     revocation_delay: Histogram
     certificate_expiry: Gauge
     request_duration: Histogram
@@ -63,7 +58,7 @@ class GatewayMetrics:
             requests=specs.counter(registry, specs.GATEWAY_AUTH_REQUESTS),
             issued=specs.counter(registry, specs.GATEWAY_AUTH_CERTIFICATES_ISSUED),
             refusals=specs.counter(registry, specs.GATEWAY_AUTH_REFUSALS),
-            edge_checks=specs.counter(registry, specs.GATEWAY_AUTH_EDGE_CHECKS),
+            certificate_checks=specs.counter(registry, specs.CERTIFICATE_CHECKS),
             revocation_delay=specs.histogram(registry, specs.IDENTITY_REVOCATION_DELAY),
             certificate_expiry=specs.gauge(registry, specs.CERTIFICATE_EXPIRY),
             request_duration=specs.histogram(registry, specs.GATEWAY_AUTH_REQUEST_DURATION),
@@ -107,86 +102,11 @@ class IssuingCa:
         return self._ca, True
 
 
-class TrustKeeper:
-    """gateway_auth's copy of the trust state, and the check the edge asks for on each request."""
-
-    def __init__(
-        self, metrics: GatewayMetrics, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-    ) -> None:
-        self.state: TrustState | None = None
-        self._metrics = metrics
-        self._clock = clock
-        self._observed: set[str] = set()
-        self._names = NameCheck()
-
-    async def reload(self, connection: psycopg.AsyncConnection[Any]) -> None:
-        self.state = await load_trust_state(connection)
-
-    def note_issued(self, serial: str, issued_at: datetime) -> None:
-        """A certificate this process just issued into a revoked scope is valid at once here
-        (other processes learn it from the NOTIFY)."""
-        if self.state is not None:
-            self.state = replace(self.state, issued_at={**self.state.issued_at, serial: issued_at})
-
-    def note_issuer(self, issuer_dn: str) -> None:
-        """An issuing CA this process just registered is trusted at once here, so an
-        agent it enrolls is not refused before the NOTIFY reloads the state (other
-        processes learn it from that NOTIFY)."""
-        if self.state is not None and issuer_dn not in self.state.issuers:
-            self.state = replace(self.state, issuers={**self.state.issuers, issuer_dn: None})
-
-    def check(self, certificate: AgentCertificate, *, names: bool = True) -> str | None:
-        """None when the edge may pass the request on; else why it must refuse.
-
-        Refused: a revoked certificate, one of a retired or unknown issuing CA,
-        and (unless ``names`` is False) one whose names are ambiguous
-        (``services.gateway_auth.names``), which needs the certificate itself.
-        Raises Unauthenticated when the edge forwarded no serial or issuer (a
-        configuration error at the edge: refusing is the safe answer).
-        """
-        if certificate.serial is None or certificate.issuer_dn is None:
-            raise Unauthenticated("the edge forwarded no certificate serial and issuer")
-        try:
-            serial = normal_serial(certificate.serial)
-        except ValueError as e:
-            raise Unauthenticated("the edge forwarded a malformed certificate serial") from e
-        state = self.state
-        if state is None:
-            raise Unauthenticated("gateway_auth has not loaded the revocation state yet")
-        now = self._clock()
-        refused = state.refusal(certificate.identity, serial, certificate.issuer_dn, now)
-        if refused is None:
-            ambiguous = (
-                self._names.refusal(
-                    certificate.escaped_pem, certificate.identity, certificate.serial
-                )
-                if names
-                else None
-            )
-            self._metrics.edge_checks.labels(outcome="refused" if ambiguous else "allowed").inc()
-            return ambiguous
-        reason, revocation = refused
-        self._metrics.edge_checks.labels(outcome="refused").inc()
-        if revocation is not None and serial not in self._observed:
-            if len(self._observed) >= MAX_OBSERVED:
-                self._observed.clear()
-            self._observed.add(serial)
-            delay = (now - revocation.revoked_at).total_seconds()
-            self._metrics.revocation_delay.labels(where="edge").observe(max(delay, 0.0))
-            log.info(
-                "first refusal of revoked certificate %s (%s) %.3f s after its revocation",
-                serial,
-                certificate.identity.spiffe_uri,
-                delay,
-            )
-        return reason
-
-
 @dataclass
 class IdentityService:
     store: IdentityStore
     issuing: IssuingCa
-    trust: TrustKeeper
+    trust: CertificateCheck
     metrics: GatewayMetrics
     agent_validity: timedelta
     _registered: set[str] = field(default_factory=set)
@@ -290,9 +210,7 @@ class IdentityService:
         self, current: AgentCertificate, csr_pem: str, *, request_id: str | None
     ) -> IssuedAgentCertificate:
         """A new certificate with the same identity, for the holder of a current one."""
-        # The edge forwards the certificate itself to its own check only, which
-        # applied the names rule to this very request before passing it on.
-        reason = self.trust.check(current, names=False)
+        reason = self.trust.check(current)
         if reason is not None:
             raise self._refuse(CertificateRefused(f"{reason}; renewal refused"), "revoked")
         identity = current.identity

@@ -191,12 +191,12 @@ GATEWAY_AUTH_REFUSALS: Final = MetricSpec(
     "enrollment-token-used, revoked, ...).",
     ("reason",),
 )
-GATEWAY_AUTH_EDGE_CHECKS: Final = MetricSpec(
-    "fleetplane_gateway_auth_edge_checks_total",
+CERTIFICATE_CHECKS: Final = MetricSpec(
+    "fleetplane_certificate_checks_total",
     "counter",
     "checks",
-    "The edge's per-request certificate checks (nginx auth_request, cached about 1 s), "
-    "by outcome (allowed, refused).",
+    "Per-request agent certificate checks (revocation, issuing CA, names), by outcome "
+    "(allowed, refused): the API on every agent request, gateway_auth on renewals.",
     ("outcome",),
 )
 IDENTITY_REVOCATION_DELAY: Final = MetricSpec(
@@ -204,8 +204,9 @@ IDENTITY_REVOCATION_DELAY: Final = MetricSpec(
     "histogram",
     "seconds",
     "Time from a revocation's revoked_at to the first request of a certificate it covers "
-    "that was refused, by where: edge (gateway_auth's check for nginx) or longpoll (an "
-    "open long poll ended by the API). Measured once per certificate and process.",
+    "that was refused, by where: request (the per-request check in the API, or "
+    "gateway_auth's on a renewal) or longpoll (an open long poll ended by the API). "
+    "Measured once per certificate and process.",
     ("where",),
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30),
 )
@@ -340,7 +341,7 @@ ALL_METRICS: Final = (
     GATEWAY_AUTH_REQUESTS,
     GATEWAY_AUTH_CERTIFICATES_ISSUED,
     GATEWAY_AUTH_REFUSALS,
-    GATEWAY_AUTH_EDGE_CHECKS,
+    CERTIFICATE_CHECKS,
     IDENTITY_REVOCATION_DELAY,
     BACKUP_LAST_SUCCESS,
     BACKUP_DURATION,

@@ -1,7 +1,7 @@
 """Unambiguous agent identity through the real edge.
 
 Certificates are signed by the stack's real issuing CA, so nginx verifies
-every one of them; only gateway_auth's per-request check (which reads the URI
+every one of them; only the API's per-request check (which reads the URI
 SANs nginx cannot) stands between an ambiguous certificate and the API.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from services.gateway_auth import names
 from services.gateway_auth.ca import CertificateAuthority, agent_subject
+from services.shared import certificate_names as names
 from services.shared.identity import AgentIdentity
 from tests.support.agents import AgentClient, agent_ssl_context
 from tests.support.deployment import Deployment

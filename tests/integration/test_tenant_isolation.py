@@ -552,7 +552,6 @@ for route in PUBLIC:
 GATEWAY_AUTH = "gateway_auth"
 ENROLL = (GATEWAY_AUTH, "POST", "/v1/enroll")
 RENEW = (GATEWAY_AUTH, "POST", "/v1/renew")
-AUTHZ = (GATEWAY_AUTH, "GET", "/v1/internal/authz")
 TOKENS = (GATEWAY_AUTH, "POST", "/v1/operator/customers/{customer_id}/enrollment-tokens")
 REVOCATIONS = (GATEWAY_AUTH, "POST", "/v1/operator/customers/{customer_id}/revocations")
 IDENTITY_AUDIT = (GATEWAY_AUTH, "GET", "/v1/operator/customers/{customer_id}/identity-audit")
@@ -647,11 +646,6 @@ async def own_identity_audit(world: World, request: Request, reply: Reply) -> No
     assert "token_created" in {e["action"] for e in entries}, reply.text
 
 
-async def check_passes(world: World, request: Request, reply: Reply) -> None:
-    """The edge's check let the caller's own certificate through to the API."""
-    assert reply.status == 200, reply
-
-
 ROWS += [
     # Enrollment: the token's customer and environment, nothing else.
     Row(ENROLL, "enroll", "own", "a CSR for its token's environment",
@@ -672,16 +666,6 @@ ROWS += [
         renewal(environment=ALPHA_OTHER), refused(403)),
     Row(RENEW, "operator", "own", "not served on the operator listener", renewal(), EDGE_404),
     Row(RENEW, "enroll", "own", "not served on the enrollment listener", renewal(), EDGE_404),
-    # The edge's per-request check is internal to the edge.
-    Row(AUTHZ, "agent", "own", "checked on each of its requests",
-        lambda w: Request("GET", f"/v1/events/{w.me.event_ids[READ]}"), check_passes,
-        positive=True),
-    Row(AUTHZ, "agent", "other-customer", "asked for directly",
-        fixed("GET", f"/v1/internal/authz?customer_id={BRAVO}"), AGENT_EDGE),
-    Row(AUTHZ, "operator", "other-customer", "not served on the operator listener",
-        fixed("GET", "/v1/internal/authz"), EDGE_404),
-    Row(AUTHZ, "internal", "own", "without the edge's certificate",
-        fixed("GET", "/v1/internal/authz"), refused(401)),
     # Operator routes of gateway_auth: the key's customer only.
     Row(TOKENS, "operator", "own", "its environment", tokens(ALPHA), token_created,
         positive=True),

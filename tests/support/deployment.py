@@ -49,9 +49,10 @@ class Deployment:
         context.check_hostname = False
         return context
 
-    async def api_metric(self, name: str, **labels: str) -> float:
+    async def api_metric(self, name: str, *, sample: str = "", **labels: str) -> float:
         """The sum of ``name``'s values on the running APIs' /metrics whose labels include
-        ``labels`` (0 when absent); a counter's ``_created`` timestamps are not values."""
+        ``labels`` (0 when absent); a counter's ``_created`` timestamps are not values.
+        ``sample`` picks one series of a histogram (``_count``, ``_sum``)."""
         total = 0.0
         for port in self.apis:
             async with (
@@ -65,10 +66,11 @@ class Deployment:
             for family in text_string_to_metric_families(text):
                 if family.name == name:
                     total += sum(
-                        sample.value
-                        for sample in family.samples
-                        if not sample.name.endswith("_created")
-                        and labels.items() <= sample.labels.items()
+                        found.value
+                        for found in family.samples
+                        if not found.name.endswith("_created")
+                        and (not sample or found.name == name + sample)
+                        and labels.items() <= found.labels.items()
                     )
         return total
 

@@ -29,7 +29,6 @@ _LIB_VALUES = {
     "AGENT_CONN": "EDGE_AGENT_CONN",
     "EDGE_CONN": "EDGE_CONN",
     "API_CONNS": "EDGE_API_CONNS",
-    "CHECK_CONNS": "EDGE_CHECK_CONNS",
 }
 
 
@@ -151,7 +150,6 @@ class EdgeProbe:
             enroll_port=self.enroll_port,
             status_port=self.status_port,
             api_servers=[f"127.0.0.1:{self.upstream_port}"],
-            # The no-op upstream also answers the per-request certificate check.
             gateway_auth=f"127.0.0.1:{self.upstream_port}",
             crs_setup=settings["CRS_SETUP"],
             crs_rules=settings["CRS_RULES"],

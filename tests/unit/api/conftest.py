@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -29,15 +30,18 @@ from services.api.repository import (
     AuditRecord,
     EnvironmentRow,
     EventStatus,
+    IssuerRecord,
     PendingCommands,
 )
 from services.api.revocation_watch import RevocationWatch
 from services.api.service import KafkaHeaders
 from services.api.settings import ApiSettings
+from services.gateway_auth.ca import CertificateAuthority
 from services.shared.commands import Command
 from services.shared.identity import AgentIdentity
 from services.shared.operator_auth import StoredOperatorKey
 from services.shared.operator_keys import NewKey, new_key
+from services.shared.revocations import TrustState
 from services.shared.settings import DatabaseSettings, KafkaSettings
 from services.shared.web.tls import server_ssl_context
 
@@ -130,6 +134,9 @@ class FakeRepository:
     environment_rows: dict[str, list[EnvironmentRow]] = field(default_factory=dict)
     audit_rows: dict[str, list[AuditRecord]] = field(default_factory=dict)
     keys: dict[str, StoredOperatorKey] = field(default_factory=dict)
+    issuers: dict[str, IssuerRecord] = field(default_factory=dict)
+    certificates: dict[str, dt.datetime] = field(default_factory=dict)
+    """Issue time by normalised serial: gateway_auth's record of the certificates it issued."""
     error: BaseException | None = None
     reachable: bool = True
     calls: list[tuple[AgentIdentity, str]] = field(default_factory=list)
@@ -176,6 +183,14 @@ class FakeRepository:
         self._fail()
         return self.keys.get(key_id)
 
+    async def issuer(self, subject_dn: str) -> IssuerRecord | None:
+        self._fail()
+        return self.issuers.get(subject_dn)
+
+    async def certificate_issued_at(self, serial: str) -> dt.datetime | None:
+        self._fail()
+        return self.certificates.get(serial)
+
     async def ping(self) -> None:
         if not self.reachable:
             raise OSError("database down")
@@ -197,7 +212,9 @@ def fake_dependencies(producer: FakeProducer, repository: FakeRepository) -> Dep
     async def no_follower(
         settings: ApiSettings, signals: CommandSignals, watch: RevocationWatch
     ) -> AsyncIterator[None]:
-        # Tests wake polls through app[SIGNALS] and revoke through app[WATCH] themselves.
+        # Tests wake polls through app[SIGNALS] and revoke through app[WATCH]
+        # themselves; the state trusts the issuing CA of AGENT's certificate.
+        watch.update(TrustState(issuers={AGENT_ISSUER_DN: None}))
         yield
 
     return Dependencies(
@@ -329,12 +346,31 @@ async def serve(
 
 # --- requests through the app ---------------------------------------------------
 
+
+def _agent_certificate() -> tuple[str, x509.Certificate]:
+    """acme/prod/agent-1's certificate from a throwaway issuing CA: (its issuer DN, it)."""
+    root = CertificateAuthority.create_root("Test Root CA", path_length=1)
+    issuing = root.create_intermediate("Test Issuing CA", permitted_uri_hosts=["fleetplane"])
+    issued = issuing.issue_agent("acme", "prod", "agent-1")
+    return (
+        issuing.certificate.subject.rfc4514_string(),
+        x509.load_pem_x509_certificate(issued.certificate_pem),
+    )
+
+
+AGENT_ISSUER_DN, AGENT_CERTIFICATE = _agent_certificate()
 AGENT_LISTENER = {"X-Fleetplane-Listener": "agent"}
 AGENT = {
     **AGENT_LISTENER,
     "X-Fleetplane-Client-DN": "CN=agent-1,OU=prod,O=acme",
     "X-Fleetplane-Client-Verify": "SUCCESS",
-    "X-Fleetplane-Client-Serial": "01AB",
+    # What nginx forwards of the certificate it verified: serial in upper-case hex,
+    # issuer DN, and the certificate itself (URL-encoded PEM).
+    "X-Fleetplane-Client-Serial": format(AGENT_CERTIFICATE.serial_number, "X"),
+    "X-Fleetplane-Client-Issuer-DN": AGENT_ISSUER_DN,
+    "X-Fleetplane-Client-Cert": quote(
+        AGENT_CERTIFICATE.public_bytes(serialization.Encoding.PEM).decode(), safe=""
+    ),
 }
 OPERATOR_LISTENER = {"X-Fleetplane-Listener": "operator"}
 JSON = {"Content-Type": "application/json"}

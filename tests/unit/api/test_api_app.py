@@ -193,7 +193,7 @@ async def test_health_readiness_and_metrics_need_no_identity(
         assert body["detail"] == "not ready: Kafka unreachable"
         repository.reachable = False
         body = await problem(await client.get("/readyz"), 503)
-        assert body["detail"] == "not ready: Kafka and PostgreSQL unreachable"
+        assert body["detail"] == "not ready: Kafka unreachable; PostgreSQL unreachable"
 
         await client.post("/v1/events", data=b"{}", headers=JSON)
         response = await client.get("/metrics")

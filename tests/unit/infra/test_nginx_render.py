@@ -29,7 +29,7 @@ CONFIG = EdgeConfig(
     status_port=1446,
     api_servers=["127.0.0.1:2001", "127.0.0.1:2002"],
     gateway_auth="127.0.0.1:2083",
-    limits=EdgeLimits(api_conns=7, check_conns=5),
+    limits=EdgeLimits(api_conns=7),
 )
 
 
@@ -70,8 +70,19 @@ def test_accept_routes_are_bounded_per_instance_and_long_polls_are_apart() -> No
     assert re.findall(r"server (\S+) ", poll) == ["127.0.0.1:2001", "127.0.0.1:2002"]
     assert "max_conns" not in poll
     assert re.search(r"location /v1/commands \{\s+proxy_pass https://fleetplane_api_poll;", text)
-    check = _block(text, "fleetplane_gateway_auth")
-    assert "server 127.0.0.1:2083 max_fails=0 max_conns=5;" in check
+    identity = _block(text, "fleetplane_gateway_auth")
+    assert "server 127.0.0.1:2083 max_fails=0;" in identity
+
+
+def test_every_agent_request_carries_the_verified_certificate_and_no_check_hop() -> None:
+    """The API checks each agent request itself (services/shared/certificate_check.py):
+    the agent listener forwards the certificate nginx verified, and asks nobody first."""
+    agent = _server(render_edge(CONFIG), 1443)
+    assert "proxy_set_header X-Fleetplane-Client-Cert $ssl_client_escaped_cert;" in agent
+    assert "auth_request" not in agent
+    assert "proxy_cache" not in agent
+    operator = _server(render_edge(CONFIG), 1444)
+    assert 'proxy_set_header X-Fleetplane-Client-Cert "";' in operator
 
 
 def test_switches_change_only_the_agent_listener() -> None:
@@ -141,8 +152,6 @@ def test_the_cli_writes_what_the_function_renders(tmp_path: Path) -> None:
         "127.0.0.1:2083",
         "--api-conns",
         "7",
-        "--check-conns",
-        "5",
     ]
     subprocess.run(args, check=True, timeout=30)
     assert output.read_text() == render_edge(CONFIG)

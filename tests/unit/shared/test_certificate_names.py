@@ -10,9 +10,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from services.gateway_auth import names
 from services.gateway_auth.ca import CertificateAuthority, agent_subject
-from services.gateway_auth.service import GatewayMetrics, TrustKeeper
+from services.gateway_auth.service import GatewayMetrics
+from services.shared import certificate_names as names
+from services.shared.certificate_check import CertificateCheck
 from services.shared.edge_auth import AgentCertificate
 from services.shared.identity import AgentIdentity
 from services.shared.revocations import UNKNOWN_ISSUER, TrustState
@@ -121,11 +122,11 @@ def test_verdicts_are_kept_per_certificate_and_bounded(ca: CertificateAuthority)
     assert check.refusal(None, ACME, serial_of(good)) == names.NO_CERTIFICATE
 
 
-def test_the_edge_check_applies_the_names_rule_after_the_trust_state(
+def test_the_request_check_applies_the_names_rule_after_the_trust_state(
     ca: CertificateAuthority,
 ) -> None:
     metrics = GatewayMetrics.create()
-    keeper = TrustKeeper(metrics)
+    keeper = CertificateCheck(metrics.certificate_checks, metrics.revocation_delay)
     issuer = ca.certificate.subject.rfc4514_string()
     keeper.state = TrustState(issuers={issuer: None})
 
@@ -137,18 +138,16 @@ def test_the_edge_check_applies_the_names_rule_after_the_trust_state(
     assert keeper.check(forwarded(good)) is None
     assert keeper.check(forwarded(two)) == names.NOT_ONE_NAME
     assert keeper.check(AgentCertificate(ACME, serial_of(good), issuer)) == names.NO_CERTIFICATE
-    # Renewal, behind the edge's own check, asks without the names rule.
-    assert keeper.check(AgentCertificate(ACME, serial_of(good), issuer), names=False) is None
     # The trust state still decides first: an unknown issuer, whatever the names.
     keeper.state = TrustState()
     assert keeper.check(forwarded(good)) == UNKNOWN_ISSUER
     counted = {
         outcome: metrics.registry.get_sample_value(
-            "fleetplane_gateway_auth_edge_checks_total", {"outcome": outcome}
+            "fleetplane_certificate_checks_total", {"outcome": outcome}
         )
         for outcome in ("allowed", "refused")
     }
-    assert counted == {"allowed": 2, "refused": 3}
+    assert counted == {"allowed": 1, "refused": 3}
 
 
 def test_any_forwarded_text_gets_a_verdict(ca: CertificateAuthority) -> None:
