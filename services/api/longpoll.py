@@ -12,6 +12,13 @@ No lost wake-up: a poll subscribes before its first query and clears its
 subscription before every query, so a notification that lands between a query
 and the wait leaves the subscription set and the wait returns at once.
 
+One query for many polls: a notification wakes every poll of its environment
+(a hundred agents of one environment, all at once), and each needs the
+environment's pending commands as of after that notification. Any query of
+the environment started after the poll cleared its subscription answers that
+as well as one of its own, so a poll joins such a query in flight instead of
+starting another (``CommandSignals.sequence`` orders queries and signals).
+
 Plain asyncio, no aiohttp and no database driver: the repository and the hub
 are passed in.
 """
@@ -118,6 +125,9 @@ class CommandSignals:
         self._waiting: dict[EnvironmentKey, set[Subscription]] = {}
         self.closed = False
         """Set by ``close``: polls stop waiting."""
+        self.sequence = 0
+        """Signals so far (any environment): a query started at sequence n sees every
+        change whose notification was counted before it."""
 
     def close(self) -> int:
         """End every wait now and every later one at once (the process is shutting down).
@@ -149,6 +159,7 @@ class CommandSignals:
 
     def notify(self, customer_id: str, environment_id: str) -> int:
         """Signal the environment's waiters; returns how many there were."""
+        self.sequence += 1
         subscriptions = self._waiting.get((customer_id, environment_id), ())
         for subscription in subscriptions:
             subscription.signal()
@@ -164,6 +175,7 @@ class CommandSignals:
 
     def wake_all(self) -> int:
         """Signal every waiter (they re-query); returns how many."""
+        self.sequence += 1
         woken = 0
         for subscriptions in self._waiting.values():
             for subscription in subscriptions:
@@ -179,6 +191,17 @@ class PendingCommandsSource(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class _Query:
+    """A pending-commands query in flight, shared by the polls that join it."""
+
+    sequence: int
+    """``CommandSignals.sequence`` when it started."""
+    started: float
+    """The poller's clock when it started."""
+    task: asyncio.Task[PendingCommands]
+
+
+@dataclass(frozen=True, slots=True)
 class CommandPoller:
     """Answers long polls: read-only on the database, woken by ``signals``."""
 
@@ -188,6 +211,7 @@ class CommandPoller:
     uniform: Callable[[float, float], float] = field(default=random.uniform)
     deliveries: CommandDeliveries | None = None
     """Measures command delivery latency on each reply with commands; None: not measured."""
+    _queries: dict[EnvironmentKey, _Query] = field(default_factory=dict, init=False, repr=False)
 
     async def poll(self, customer_id: str, environment_id: str, wait_s: float) -> CommandsReply:
         """The environment's due commands, as soon as there are some, or none after ``wait_s``.
@@ -200,18 +224,19 @@ class CommandPoller:
         """
         opened = self.clock()
         deadline = opened + wait_s
+        key = (customer_id, environment_id)
         with self.signals.subscribe(customer_id, environment_id) as subscription:
             while True:
                 subscription.clear()
-                queried = self.clock()
-                pending = await self.repository.pending_commands(customer_id, environment_id)
+                query = self._query(key, self.signals.sequence)
+                pending = await asyncio.shield(query.task)
                 if pending.commands:
                     if self.deliveries is not None:
                         # The due ages were taken when the query ran: add the time since.
                         now = self.clock()
                         self.deliveries.handed_out(
                             pending.commands,
-                            [due + (now - queried) for due in pending.due_for_s],
+                            [due + (now - query.started) for due in pending.due_for_s],
                             now - opened,
                         )
                     return CommandsReply(commands=pending.commands, next_poll_s=0)
@@ -225,3 +250,27 @@ class CommandPoller:
                 if not await subscription.wait(timeout) and timeout == remaining:
                     break
         return CommandsReply(commands=[], next_poll_s=next_poll_delay(self.uniform))
+
+    def _query(self, key: EnvironmentKey, needed: int) -> _Query:
+        """A query of ``key``'s pending commands started at sequence ``needed`` or later.
+
+        Joins the one in flight when it qualifies; else starts one. The task
+        outlives a poll that stops waiting (shielded), so the others still get it.
+        """
+        query = self._queries.get(key)
+        if query is not None and query.sequence >= needed:
+            return query
+        task = asyncio.ensure_future(self.repository.pending_commands(*key))
+        query = _Query(self.signals.sequence, self.clock(), task)
+        self._queries[key] = query
+
+        def done(finished: asyncio.Task[PendingCommands]) -> None:
+            if self._queries.get(key) is query:
+                del self._queries[key]
+            # Retrieved here, so an error no poll awaited any more is not logged
+            # as never retrieved; every poll that awaits it gets it raised.
+            if not finished.cancelled():
+                finished.exception()
+
+        task.add_done_callback(done)
+        return query

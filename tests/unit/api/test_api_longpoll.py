@@ -277,3 +277,76 @@ async def test_database_errors_propagate_and_unsubscribe() -> None:
     with pytest.raises(OSError, match="down"):
         await poller(repository, signals).poll("acme", "prod", 5)
     assert signals.waiting == 0
+
+
+class GatedRepository(FakeRepository):
+    """Queries stay in flight until ``gate`` opens, so polls can find them running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def pending_commands(self, customer_id: str, environment_id: str) -> PendingCommands:
+        found = await super().pending_commands(customer_id, environment_id)
+        await self.gate.wait()
+        return PendingCommands(
+            list(self.commands.get((customer_id, environment_id), [])),
+            found.next_due_in_s,
+            found.due_for_s,
+        )
+
+
+async def test_polls_woken_by_one_notification_share_one_query() -> None:
+    """A hundred agents of one environment woken at once cost one query, not a hundred."""
+    repository = GatedRepository()
+    repository.gate.set()
+    signals = CommandSignals()
+    answering = poller(repository, signals)
+    polls = [asyncio.create_task(answering.poll("acme", "prod", 10)) for _ in range(100)]
+    await until(lambda: signals.waiting == 100, what="100 polls waiting")
+    # Arriving together, the polls already shared their first queries.
+    first = len(repository.command_queries)
+    assert first < 100
+    repository.gate.clear()
+    repository.commands[("acme", "prod")] = [command(7)]
+    assert signals.notify_payload("acme/prod") == 100
+    await until(lambda: len(repository.command_queries) > first, what="the woken query")
+    repository.gate.set()
+    replies = await asyncio.wait_for(asyncio.gather(*polls), 2)
+    assert {tuple(c.id for c in reply.commands) for reply in replies} == {(7,)}
+    assert len(repository.command_queries) == first + 1
+
+
+async def test_a_query_started_before_a_notification_is_not_shared_after_it() -> None:
+    """A poll needs a query that started after the signals it consumed (or after it arrived,
+    for its first query): an older one may have missed the change."""
+    repository = GatedRepository()
+    signals = CommandSignals()
+    answering = poller(repository, signals)
+    early = asyncio.create_task(answering.poll("acme", "prod", 0))
+    await until(lambda: len(repository.command_queries) == 1, what="the first query")
+    # The controller commits a command and notifies while that query is in flight.
+    repository.commands[("acme", "prod")] = [command(8)]
+    signals.notify("acme", "prod")
+    late = asyncio.create_task(answering.poll("acme", "prod", 0))
+    await until(lambda: len(repository.command_queries) == 2, what="a query of its own")
+    repository.gate.set()
+    reply = await asyncio.wait_for(late, 1)
+    assert [c.id for c in reply.commands] == [8]
+    await asyncio.wait_for(early, 1)
+
+
+async def test_a_shared_query_outlives_a_poll_that_stops_waiting() -> None:
+    repository = GatedRepository()
+    signals = CommandSignals()
+    answering = poller(repository, signals)
+    first = asyncio.create_task(answering.poll("acme", "prod", 5))
+    second = asyncio.create_task(answering.poll("acme", "prod", 5))
+    await until(lambda: len(repository.command_queries) == 1, what="the shared query")
+    await asyncio.sleep(0)  # sleep-ok: lets the second poll join the query in flight
+    first.cancel()
+    repository.commands[("acme", "prod")] = [command(3)]
+    repository.gate.set()
+    reply = await asyncio.wait_for(second, 1)
+    assert [c.id for c in reply.commands] == [3]
+    assert len(repository.command_queries) == 1
