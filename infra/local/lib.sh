@@ -183,8 +183,10 @@ EDGE_OPERATOR_BURST="${FLEETPLANE_EDGE_OPERATOR_BURST:-40}"
 EDGE_OPERATOR_CONN="${FLEETPLANE_EDGE_OPERATOR_CONN:-16}"
 EDGE_CONN="${FLEETPLANE_EDGE_CONN:-3000}"
 # Requests in flight to each API instance (every route but the long poll); beyond
-# it the edge answers 503 with Retry-After at once (infra/nginx/render.py, EdgeLimits).
-EDGE_API_CONNS="${FLEETPLANE_EDGE_API_CONNS:-64}"
+# it the edge answers 503 with Retry-After at once (infra/nginx/render.py,
+# EdgeLimits). Above what each API admits and lets wait (services/api/admission.py):
+# the API decides, this only guards against a process that stopped answering.
+EDGE_API_CONNS="${FLEETPLANE_EDGE_API_CONNS:-1024}"
 # The OWASP CRS as Debian's modsecurity-crs package installs it.
 CRS_SETUP="${FLEETPLANE_CRS_SETUP:-/etc/modsecurity/crs/crs-setup.conf}"
 CRS_RULES="${FLEETPLANE_CRS_RULES:-/usr/share/modsecurity-crs/rules}"

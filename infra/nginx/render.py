@@ -69,7 +69,7 @@ class EdgeLimits:
     operator_burst: int = 40
     operator_conn: int = 16
     edge_conn: int = 3000
-    api_conns: int = 64
+    api_conns: int = 1024
 
     @classmethod
     def unlimited(cls) -> EdgeLimits:

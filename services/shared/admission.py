@@ -1,10 +1,15 @@
-"""Bounded in-flight work per process: over a lane's limit, 503 with Retry-After at once.
+"""Bounded in-flight work per process, with a short bounded wait for a slot; then 503.
 
 An aiohttp process offered more than it can carry otherwise takes every request
 on and lets them queue for the event loop, the database pool or Kafka until the
-edge's read timeout fires (504) on requests it had already paid for. Shedding at
-the door instead answers the excess in microseconds with a problem the agent
-knows to retry, and the requests that were admitted keep their latency.
+edge's read timeout fires (504) on requests it had already paid for. Here each
+lane admits ``limit`` requests at once; one more waits for a slot, in arrival
+order, at most ``queue_s`` (and no more than ``max_waiting`` wait), and is
+answered 503 with Retry-After and a problem the agent knows to retry when none
+frees in time. A burst (every agent of an environment answering a command at
+once) is absorbed as a second of latency; overload that lasts is shed within
+``queue_s``, long before any timeout, and the admitted requests keep their
+latency.
 
 Requests are sorted into lanes by a classifier the service supplies (for the
 API: event accepts, long polls, everything else), each lane with its own limit,
@@ -20,9 +25,11 @@ metric (status 503 of the route).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -41,36 +48,94 @@ LOG_EVERY_S: Final = 5.0
 Classifier = Callable[[web.Request], str | None]
 
 
+@dataclass(frozen=True)
+class LaneLimit:
+    """How many requests of a lane run at once, and how a request waits for a slot."""
+
+    limit: int
+    queue_s: float = 0.0
+    """Longest wait for a slot; 0: refused at once when the lane is full."""
+    max_waiting: int = 0
+    """Most requests waiting at once; beyond it, refused at once."""
+
+
 @dataclass
 class Lane:
-    """One class of requests: how many may be in flight at once, and how many are."""
+    """One class of requests: its limits, and how many run and wait now."""
 
     name: str
     limit: int
+    queue_s: float = 0.0
+    max_waiting: int = 0
     in_flight: int = 0
     shed: int = 0
     logged_at: float = field(default=float("-inf"), repr=False)
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque, repr=False)
+
+    async def enter(self) -> bool:
+        """Take a slot, waiting for one up to ``queue_s``; False when none came."""
+        if self.in_flight < self.limit and not self.waiters:
+            self.in_flight += 1
+            return True
+        if self.queue_s <= 0 or len(self.waiters) >= self.max_waiting:
+            return False
+        slot = asyncio.get_running_loop().create_future()
+        self.waiters.append(slot)
+        try:
+            async with asyncio.timeout(self.queue_s):
+                await slot
+        except TimeoutError:
+            if slot.done() and not slot.cancelled():
+                # Handed a slot just as the wait ended: pass it on.
+                self.leave()
+            else:
+                self.waiters.remove(slot)
+            return False
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self.leave()
+            elif slot in self.waiters:
+                self.waiters.remove(slot)
+            raise
+        return True
+
+    def leave(self) -> None:
+        """Give the slot to the longest waiter still waiting, or free it."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.in_flight -= 1
 
 
 class Admission:
     """Counts requests in flight per lane; ``middleware`` refuses those over the limit.
 
-    Single event loop, no awaits between the check and the increment, so no lock
-    is needed. ``retry_after_s`` is the Retry-After of a shed answer: short,
-    because overload passes quickly once agents back off with jitter.
+    Single event loop, no awaits between a check and its increment, so no lock is
+    needed; a freed slot passes straight to the longest waiter. ``retry_after_s``
+    is the Retry-After of a shed answer: short, because overload passes quickly
+    once agents back off with jitter.
     """
 
     def __init__(
         self,
         classify: Classifier,
-        limits: Mapping[str, int],
+        limits: Mapping[str, int | LaneLimit],
         *,
         retry_after_s: int = 1,
     ) -> None:
-        if any(limit < 1 for limit in limits.values()):
+        lanes = {
+            name: limit if isinstance(limit, LaneLimit) else LaneLimit(limit)
+            for name, limit in limits.items()
+        }
+        if any(lane.limit < 1 or lane.queue_s < 0 for lane in lanes.values()):
             raise ValueError(f"every lane needs a limit of at least 1: {dict(limits)}")
         self._classify = classify
-        self.lanes = {name: Lane(name, limit) for name, limit in limits.items()}
+        self.lanes = {
+            name: Lane(name, lane.limit, lane.queue_s, lane.max_waiting)
+            for name, lane in lanes.items()
+        }
         self._retry_after = str(retry_after_s)
 
     def refusal(self, lane: Lane) -> web.Response:
@@ -79,7 +144,8 @@ class Admission:
             "title": "Overloaded",
             "status": 503,
             "detail": f"more {lane.name} requests are in flight than this process serves "
-            "at once; retry after the Retry-After seconds, with jitter",
+            "at once, and none finished in time; retry after the Retry-After seconds, "
+            "with jitter",
         }
         return web.Response(
             status=503,
@@ -98,23 +164,23 @@ class Admission:
             if name is None:
                 return await handler(request)
             lane = self.lanes[name]
-            if lane.in_flight >= lane.limit:
+            if not await lane.enter():
                 lane.shed += 1
                 now = time.monotonic()
                 if now - lane.logged_at >= LOG_EVERY_S:
                     lane.logged_at = now
                     log.warning(
-                        "shedding %s requests: %d in flight (limit %d), %d shed so far",
+                        "shedding %s requests: %d in flight (limit %d), %d waiting, %d shed so far",
                         lane.name,
                         lane.in_flight,
                         lane.limit,
+                        len(lane.waiters),
                         lane.shed,
                     )
                 return self.refusal(lane)
-            lane.in_flight += 1
             try:
                 return await handler(request)
             finally:
-                lane.in_flight -= 1
+                lane.leave()
 
         return admission_middleware

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from services.api.admission import AdmissionSettings, admission
 from services.shared.admission import OVERLOADED_TYPE
+from tests.support.waiting import until
 
 Client = TestClient[web.Request, web.Application]
 
@@ -45,7 +46,8 @@ def entered() -> Entered:
 
 @pytest.fixture
 async def client(gate: asyncio.Event, entered: Entered) -> AsyncIterator[Client]:
-    """The API's lanes with limits 2 (events), 3 (poll), 1 (other); handlers wait on ``gate``."""
+    """The API's lanes with limits 2 (events), 3 (poll), 1 (other), no waiting for a slot;
+    handlers wait on ``gate``."""
 
     async def held(request: web.Request) -> web.Response:
         await entered.arrive()
@@ -55,7 +57,7 @@ async def client(gate: asyncio.Event, entered: Entered) -> AsyncIterator[Client]
     async def probe(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    control = admission(AdmissionSettings(events=2, poll=3, other=1, retry_after_s=2))
+    control = admission(AdmissionSettings(events=2, poll=3, other=1, retry_after_s=2, queue_s=0))
     app = web.Application(middlewares=[control.middleware])
     app.router.add_post("/v1/events", held)
     app.router.add_get("/v1/events/{event_id}", held)
@@ -128,3 +130,47 @@ async def test_lanes_are_apart_and_probes_are_never_refused(
 def test_a_lane_limit_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         admission(AdmissionSettings.model_construct(events=0, poll=1, other=1, retry_after_s=1))
+
+
+async def test_a_request_waits_for_a_slot_in_arrival_order_up_to_queue_s() -> None:
+    """A burst over the limit is absorbed as latency; a wait past ``queue_s`` is shed."""
+    gate = asyncio.Event()
+    order: list[int] = []
+
+    async def held(request: web.Request) -> web.Response:
+        order.append(int(request.query["n"]))
+        await gate.wait()
+        return web.json_response({}, status=202)
+
+    control = admission(AdmissionSettings(events=1, poll=1, other=1, queue_s=0.5, max_waiting=2))
+    app = web.Application(middlewares=[control.middleware])
+    app.router.add_post("/v1/events", held)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+
+        async def post(n: int) -> int:
+            async with client.post(f"/v1/events?n={n}") as reply:
+                await reply.read()
+                return reply.status
+
+        lane = control.lanes["events"]
+        first = asyncio.create_task(post(1))
+        await until(lambda: order == [1], what="the first request running")
+        waiting = [asyncio.create_task(post(n)) for n in (2, 3)]
+        await until(lambda: len(lane.waiters) == 2, what="two requests waiting")
+        # More than max_waiting: refused at once.
+        assert await post(4) == 503
+        # Slots pass on in arrival order as they free.
+        gate.set()
+        assert [await first, *[await task for task in waiting]] == [202, 202, 202]
+        assert order == [1, 2, 3]
+        assert (lane.in_flight, len(lane.waiters)) == (0, 0)
+
+        # Nothing frees within queue_s: the waiter is shed, and leaves no trace.
+        gate.clear()
+        held_task = asyncio.create_task(post(5))
+        await until(lambda: order[-1] == 5, what="a request holding the slot")
+        assert await post(6) == 503
+        assert (lane.in_flight, len(lane.waiters)) == (1, 0)
+        gate.set()
+        assert await held_task == 202
+        assert lane.in_flight == 0
