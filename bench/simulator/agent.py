@@ -5,7 +5,7 @@ Five tasks per agent, all on the shared event loop:
 * sender: the only task that POSTs events, one batch at a time, so batches (and
   seq numbers within a boot) reach the edge in order even across retries;
 * heartbeat: a heartbeat every ``heartbeat_s`` (plus or minus 20 %);
-* poll: ``GET /v1/commands?wait=...`` in a loop, admitting commands by the rules;
+* poll: ``GET /v1/commands?wait=...&taken=...`` in a loop, admitting commands by the rules;
 * worker: applies admitted commands one at a time and reports each result;
 * probe: follows sampled accepted events to ``applied``/``rejected``.
 """
@@ -231,6 +231,10 @@ class SimAgent:
     async def _poll_once(self) -> CommandsReply:
         wait_s = self._config.poll_wait_s
         path = f"{COMMANDS_PATH}?wait={wait_s}"
+        taken = self.state.latest_taken()
+        if taken:
+            # Commands already taken are not offered again: the poll waits for new ones.
+            path += "&taken=" + ",".join(map(str, taken))
         try:
             reply = await self._transport.request("GET", path, timeout_s=wait_s + POLL_GRACE_S)
         except NETWORK_ERRORS as error:

@@ -20,6 +20,9 @@ from bench.simulator.events import Resource
 from services.shared.commands import Command
 
 RESOURCE_KINDS: Final = ("deployment", "service", "config-map", "cron-job")
+TAKEN_SENT: Final = 50
+"""How many of the latest taken command ids a poll names (``taken``): the server offers
+those no more, so a poll waits for new commands instead of getting re-offers back."""
 REMEMBERED_COMMANDS: Final = 10_000
 """How many taken command ids an agent remembers; re-offers come soon, never after
 thousands of newer commands, and the bound keeps long runs from growing."""
@@ -67,6 +70,10 @@ class AgentState:
         if len(self._taken) > REMEMBERED_COMMANDS:
             self._taken.popitem(last=False)
         return Decision.APPLY
+
+    def latest_taken(self, count: int = TAKEN_SENT) -> list[int]:
+        """The ids of the latest ``count`` commands taken, oldest first."""
+        return list(self._taken)[-count:]
 
     def apply(self, command: Command) -> str | None:
         """Change the resources as the command says; None on success, else why not.

@@ -26,7 +26,7 @@ from services.api.keys import (
     SIGNALS,
     WATCH,
 )
-from services.api.longpoll import parse_wait
+from services.api.longpoll import parse_taken, parse_wait
 from services.api.models import (
     AuditEntry,
     AuditReply,
@@ -178,19 +178,21 @@ async def get_event(request: web.Request) -> web.Response:
 
 
 async def get_commands(request: web.Request) -> web.Response:
-    """``GET /v1/commands?wait=<s>``: the caller's environment's due commands (long poll).
+    """``GET /v1/commands?wait=<s>&taken=<ids>``: the caller's environment's due commands
+    (long poll), but for those it already took.
 
     A poll whose certificate is revoked while it waits ends at once with 403.
     """
     certificate = await agent_certificate(request)
     identity = certificate.identity
     wait_s = parse_wait(request.query.getall("wait", []))
+    taken = parse_taken(request.query.getall("taken", []))
     watch = request.app[WATCH]
     with watch.watch(certificate) as revoked:
         if revoked.is_set():
             raise CertificateRevoked("the client certificate was revoked")
         poll = asyncio.ensure_future(
-            _commands(request, identity.customer_id, identity.environment_id, wait_s)
+            _commands(request, identity.customer_id, identity.environment_id, wait_s, taken)
         )
         revocation = asyncio.ensure_future(revoked.wait())
         try:
@@ -208,10 +210,14 @@ async def get_commands(request: web.Request) -> web.Response:
 
 
 async def _commands(
-    request: web.Request, customer_id: str, environment_id: str, wait_s: int
+    request: web.Request,
+    customer_id: str,
+    environment_id: str,
+    wait_s: int,
+    taken: frozenset[int],
 ) -> CommandsReply:
     with database_errors(request, "commands lookup"):
-        return await request.app[POLLER].poll(customer_id, environment_id, wait_s)
+        return await request.app[POLLER].poll(customer_id, environment_id, wait_s, taken)
 
 
 async def operator_key(request: web.Request) -> OperatorKey:

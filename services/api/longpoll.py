@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from services.shared.channels import COMMANDS_CHANNEL as COMMANDS_CHANNEL
 from services.shared.commands import MAX_WAIT_S, CommandsReply
 from services.shared.identity import IdentityError, check_id
 from services.shared.params import query_int
+from services.shared.problems import FieldError, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,13 @@ NEXT_POLL_S: Final = (0.5, 1.5)
 """Range of ``next_poll_s`` after an empty reply: uniform, so agents whose polls ended
 together (a deadline, a restart) do not come back in lockstep. 0 after commands, since
 more may be queued behind the ones returned."""
+MAX_TAKEN: Final = 100
+"""Most command ids a poll may name in ``taken``."""
 MIN_RECHECK_S: Final = 0.05
 """Shortest self-timed wait for a held-back command, so clock rounding cannot spin."""
+
+MAX_BIGINT: Final = 2**63 - 1
+_ID: Final = re.compile(r"[0-9]{1,19}")
 
 EnvironmentKey = tuple[str, str]
 
@@ -62,6 +69,24 @@ def parse_wait(values: Sequence[str]) -> int:
     exactly one value that is a decimal integer from 0 to MAX_WAIT_S.
     """
     return query_int(values, "wait", minimum=0, maximum=MAX_WAIT_S, default=DEFAULT_WAIT_S)
+
+
+def parse_taken(values: Sequence[str]) -> frozenset[int]:
+    """The ``taken`` query parameter: command ids the agent already took, not offered again.
+
+    At most one value, a comma-separated list of 1 to MAX_TAKEN decimal ids
+    (bigint); absent means none. Raises ValidationFailed naming ``taken`` otherwise.
+    """
+    if not values:
+        return frozenset()
+    message = f"must be one list of 1 to {MAX_TAKEN} comma-separated command ids"
+    if len(values) == 1:
+        parts = values[0].split(",")
+        if len(parts) <= MAX_TAKEN and all(_ID.fullmatch(part) for part in parts):
+            ids = frozenset(int(part) for part in parts)
+            if all(0 < command_id <= MAX_BIGINT for command_id in ids):
+                return ids
+    raise ValidationFailed(f"the taken parameter {message}", errors=(FieldError("taken", message),))
 
 
 def next_poll_delay(uniform: Callable[[float, float], float] = random.uniform) -> float:
@@ -213,8 +238,19 @@ class CommandPoller:
     """Measures command delivery latency on each reply with commands; None: not measured."""
     _queries: dict[EnvironmentKey, _Query] = field(default_factory=dict, init=False, repr=False)
 
-    async def poll(self, customer_id: str, environment_id: str, wait_s: float) -> CommandsReply:
+    async def poll(
+        self,
+        customer_id: str,
+        environment_id: str,
+        wait_s: float,
+        taken: frozenset[int] = frozenset(),
+    ) -> CommandsReply:
         """The environment's due commands, as soon as there are some, or none after ``wait_s``.
+
+        Commands whose id is in ``taken`` (the agent took them already, and their
+        results are on the way) are not offered again: with nothing else due the
+        poll is held as if there were none, instead of answering at once with a
+        re-offer the agent ignores and polling again, until the results apply.
 
         Queries once, then again only when the environment's notification arrives
         (or all waiters are woken), or when a held-back command becomes due, until
@@ -230,16 +266,20 @@ class CommandPoller:
                 subscription.clear()
                 query = self._query(key, self.signals.sequence)
                 pending = await asyncio.shield(query.task)
-                if pending.commands:
+                offered = [i for i, c in enumerate(pending.commands) if c.id not in taken]
+                if offered:
+                    commands = [pending.commands[i] for i in offered]
                     if self.deliveries is not None:
                         # The due ages were taken when the query ran: add the time since.
+                        # (A repository that gives none gives none for any command.)
                         now = self.clock()
+                        ages = pending.due_for_s
                         self.deliveries.handed_out(
-                            pending.commands,
-                            [due + (now - query.started) for due in pending.due_for_s],
+                            commands,
+                            [ages[i] + (now - query.started) for i in offered if i < len(ages)],
                             now - opened,
                         )
-                    return CommandsReply(commands=pending.commands, next_poll_s=0)
+                    return CommandsReply(commands=commands, next_poll_s=0)
                 remaining = deadline - self.clock()
                 if remaining <= 0 or self.signals.closed:
                     break

@@ -23,7 +23,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from services.api import handlers, models
-from services.api.longpoll import DEFAULT_WAIT_S
+from services.api.longpoll import DEFAULT_WAIT_S, MAX_TAKEN
 from services.api.operators import AUDIT_LIMIT_DEFAULT, AUDIT_LIMIT_MAX
 from services.shared.commands import MAX_WAIT_S, CommandsReply
 from services.shared.events import DesiredState, EventBatch, EventId, Identifier
@@ -83,6 +83,17 @@ _WAIT = QueryParameter(
     "wait",
     {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_S, "default": DEFAULT_WAIT_S},
     "Longest time in seconds to hold the request while the environment has no due commands.",
+)
+_TAKEN = QueryParameter(
+    "taken",
+    {
+        "type": "string",
+        "pattern": rf"^[0-9]{{1,19}}(,[0-9]{{1,19}}){{0,{MAX_TAKEN - 1}}}$",
+        "examples": ["1041,1042"],
+    },
+    f"Ids of commands the agent already took (at most {MAX_TAKEN}, comma-separated): they "
+    "are not offered again, and with no other command due the request is held as if "
+    "there were none. Without it every pending command is offered, as after a restart.",
 )
 _LIMIT = QueryParameter(
     "limit",
@@ -191,7 +202,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         200,
         CommandsReply,
         errors=(*_AGENT_ERRORS, 422, 503),
-        query=(_WAIT,),
+        query=(_WAIT, _TAKEN),
         handler=handlers.get_commands,
     ),
     Operation(
@@ -264,7 +275,8 @@ _PROBLEMS: Final[dict[int, tuple[str, str]]] = {
         "Identity or listener headers from anyone but the edge, a route of the other "
         "listener, or client-certificate headers on an operator request; or the edge's "
         "firewall refused the request (on agent routes, anything outside their grammar: "
-        "percent-encoding in a path other than %3A, a query parameter other than wait).",
+        "percent-encoding in a path other than %3A, a query parameter other than wait and "
+        "taken).",
     ),
     404: (
         "NotFound",

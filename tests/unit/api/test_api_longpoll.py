@@ -9,11 +9,13 @@ import pytest
 
 from services.api.longpoll import (
     DEFAULT_WAIT_S,
+    MAX_TAKEN,
     NEXT_POLL_S,
     CommandPoller,
     CommandSignals,
     next_poll_delay,
     parse_payload,
+    parse_taken,
     parse_wait,
 )
 from services.api.repository import PendingCommands
@@ -350,3 +352,51 @@ async def test_a_shared_query_outlives_a_poll_that_stops_waiting() -> None:
     reply = await asyncio.wait_for(second, 1)
     assert [c.id for c in reply.commands] == [3]
     assert len(repository.command_queries) == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [([], frozenset()), (["7"], {7}), (["1,2,2,9223372036854775807"], {1, 2, 2**63 - 1})],
+)
+def test_taken_values(values: list[str], expected: set[int]) -> None:
+    assert parse_taken(values) == expected
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [""],
+        ["0"],
+        ["1,"],
+        [",1"],
+        ["1 ,2"],
+        ["-1"],
+        ["9223372036854775808"],
+        ["1", "2"],
+        [",".join(["1"] * (MAX_TAKEN + 1))],
+        ["٣"],
+    ],
+)
+def test_invalid_taken_is_422_naming_taken(values: list[str]) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        parse_taken(values)
+    assert [e.field for e in caught.value.errors] == ["taken"]
+
+
+async def test_commands_the_agent_took_are_not_offered_again_and_the_poll_is_held() -> None:
+    """Until an agent's results apply, its next polls would get the same commands back at
+    once; with ``taken`` they wait for something new instead."""
+    repository = FakeRepository(commands={("acme", "prod"): [command(1), command(2)]})
+    signals = CommandSignals()
+    answering = poller(repository, signals)
+    reply = await answering.poll("acme", "prod", 5, frozenset({1}))
+    assert [c.id for c in reply.commands] == [2]
+    held = asyncio.create_task(answering.poll("acme", "prod", 5, frozenset({1, 2})))
+    await until(lambda: signals.waiting == 1, what="the poll held")
+    repository.commands[("acme", "prod")] = [command(1), command(2), command(3)]
+    signals.notify("acme", "prod")
+    reply = await asyncio.wait_for(held, 1)
+    assert [c.id for c in reply.commands] == [3]
+    # Without taken (an agent that restarted), everything pending is offered.
+    reply = await answering.poll("acme", "prod", 0)
+    assert [c.id for c in reply.commands] == [1, 2, 3]

@@ -68,6 +68,7 @@ class FakeEdge:
         self.first_offer = first_offer
         self.wait_s = wait_s
         self.polls = 0
+        self.poll_paths: list[str] = []
         self.batches: list[list[dict[str, Any]]] = []
 
     def __call__(self, method: str, path: str, body: bytes | None) -> Reply:
@@ -78,7 +79,8 @@ class FakeEdge:
             return accepted([e["id"] for e in events])
         if method == "GET" and path.startswith("/v1/commands"):
             # The API accepts only a whole number of seconds.
-            assert path == f"/v1/commands?wait={self.wait_s}"
+            assert path.startswith(f"/v1/commands?wait={self.wait_s}")
+            self.poll_paths.append(path)
             self.polls += 1
             offer = self.first_offer if self.polls == 1 else []
             return Reply(200, json.dumps({"commands": offer, "next_poll_s": 0.05}).encode())
@@ -136,6 +138,9 @@ async def test_agent_boots_applies_commands_and_reports() -> None:
     assert stats.commands["duplicate_ignored"] == 1
     assert stats.agents_running == 0
     assert stats.errors == {}
+    # Once it took command 7, every poll names it: the server offers it no more.
+    assert edge.poll_paths[0] == "/v1/commands?wait=0"
+    assert set(edge.poll_paths[1:]) == {"/v1/commands?wait=0&taken=7"}
 
 
 async def test_poll_route_missing_is_counted_not_retried_in_a_storm() -> None:
