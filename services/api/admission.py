@@ -48,7 +48,7 @@ class AdmissionSettings(BaseSettings):
     """Long polls (``GET /v1/commands``) held at once; more get 503 at once."""
     other: int = Field(default=64, ge=1)
     """Every other counted route in flight at once; more wait for a slot."""
-    queue_s: float = Field(default=2.0, ge=0, le=10)
+    queue_s: float = Field(default=5.0, ge=0, le=10)
     """Longest wait for a slot (events and other) before 503; well under the edge's
     10 s read timeout, so a shed request is answered, never timed out."""
     max_waiting: int = Field(default=512, ge=0)
