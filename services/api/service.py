@@ -58,14 +58,15 @@ class RecordProducer(Protocol):
     async def send_batch(
         self, topic: str, *, key: bytes, values: Sequence[bytes], headers: KafkaHeaders
     ) -> list[asyncio.Future[Any]]:
-        """Queue a record per value, in order, in a batch of this call's own on ``key``'s partition.
+        """Queue a record per value, in order, on ``key``'s partition.
 
-        Returns one future per batch (more than one only when the values exceed a
-        batch), each resolving when the broker acknowledged that batch or failing
-        with a KafkaError. May block while topic metadata is unknown; raises
-        KafkaError when the records cannot be queued. Records of other calls are
-        never in these batches, so their failure or an abandoned wait touches only
-        this call's records.
+        Returns futures resolving when the broker acknowledged every record, or
+        failing with a KafkaError. Records of concurrent calls may share batches;
+        a failure of a shared batch is retried call by call, so a refusal fails
+        only the calls whose own records Kafka refuses, and a call that stops
+        waiting (cancels its futures) is left out of any batch not yet sent. May
+        block while topic metadata is unknown; raises KafkaError when the records
+        cannot be queued.
         """
         ...
 
@@ -341,8 +342,8 @@ class EventService:
             futures = await self.producer.send_batch(
                 self.topic, key=key, values=values, headers=headers
             )
-            # Raises the first failure; on the deadline, only this wait is cancelled,
-            # not the batches (their futures are aiokafka's shielded ones).
+            # Raises the first failure; on the deadline, cancelling this wait leaves
+            # this request's records out of any batch not yet sent.
             if len(futures) == 1:
                 await futures[0]
             else:
