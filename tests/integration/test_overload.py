@@ -19,6 +19,13 @@ few agents not used before) finds the p99 latency of a 3 s window under
 to their log end, nothing dead-lettered, the ledger of 202'd events found in
 the database, in order). The test also requires that something was shed, so
 it cannot pass without having overloaded the stack.
+
+The APIs run with their admission scaled to this fleet (ADMISSION): by default
+a process admits 64 event requests at once and lets 512 more wait up to 5 s,
+which 240 agents with one request each in flight never fill (they batch what
+queued up instead, and the stack carries three times the single-event
+capacity as batches). Scaled down, the same mechanism is exercised: more
+agents in flight than the processes admit and let wait are shed.
 """
 
 from __future__ import annotations
@@ -65,6 +72,13 @@ MAX_BATCH: Final = 500
 REQUEST_TIMEOUT_S: Final = 30.0
 """Above the edge's own timeouts, so the edge always answers first."""
 RETRY_FOR_S: Final = 90.0
+
+ADMISSION: Final = {
+    "FLEETPLANE_API_ADMISSION_EVENTS": "8",
+    "FLEETPLANE_API_ADMISSION_MAX_WAITING": "32",
+    "FLEETPLANE_API_ADMISSION_QUEUE_S": "0.25",
+}
+"""Per API process: 8 event requests at once, 32 more waiting up to 0.25 s (see above)."""
 
 SHED: Final = frozenset({429, 503})
 FAILED: Final = frozenset({500, 502, 504})
@@ -241,7 +255,7 @@ async def _recovery(
 async def test_three_times_the_capacity_is_shed_never_failed_and_nothing_is_lost(
     deployment: Deployment, agents: AgentFactory
 ) -> None:
-    deployment.start_apis()
+    deployment.start_apis(ADMISSION)
     deployment.start_controller()
     fleet = [agents(f"cust-{n % CUSTOMERS}", f"env-{n % 2}", f"ovl-{n}") for n in range(AGENTS)]
     probes = [agents(f"cust-{n}", "env-0", f"probe-{n}") for n in range(PROBE_AGENTS)]
