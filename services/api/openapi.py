@@ -30,8 +30,9 @@ from services.shared.events import DesiredState, EventBatch, EventId, Identifier
 from services.shared.problems import PROBLEM_CONTENT_TYPE, WWW_AUTHENTICATE
 
 OPENAPI_VERSION: Final = "3.1.0"
-API_VERSION: Final = "1.1.0"
-"""1.1.0: every service names invalid fields one way (see the 422 response)."""
+API_VERSION: Final = "1.2.0"
+"""1.1.0: every service names invalid fields one way (see the 422 response).
+1.2.0: ``GET /v1/commands`` takes ``taken`` (commands the agent already took)."""
 REF_TEMPLATE: Final = "#/components/schemas/{model}"
 
 Audience = Literal["public", "agent", "operator"]
