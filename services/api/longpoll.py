@@ -56,7 +56,6 @@ MAX_TAKEN: Final = 100
 MIN_RECHECK_S: Final = 0.05
 """Shortest self-timed wait for a held-back command, so clock rounding cannot spin."""
 
-MAX_BIGINT: Final = 2**63 - 1
 _ID: Final = re.compile(r"[0-9]{1,19}")
 
 EnvironmentKey = tuple[str, str]
@@ -74,8 +73,9 @@ def parse_wait(values: Sequence[str]) -> int:
 def parse_taken(values: Sequence[str]) -> frozenset[int]:
     """The ``taken`` query parameter: command ids the agent already took, not offered again.
 
-    At most one value, a comma-separated list of 1 to MAX_TAKEN decimal ids
-    (bigint); absent means none. Raises ValidationFailed naming ``taken`` otherwise.
+    At most one value, a comma-separated list of 1 to MAX_TAKEN decimal numbers of
+    at most 19 digits (a bigint's); absent means none. A number that is no
+    command's id filters nothing. Raises ValidationFailed naming ``taken`` otherwise.
     """
     if not values:
         return frozenset()
@@ -83,9 +83,7 @@ def parse_taken(values: Sequence[str]) -> frozenset[int]:
     if len(values) == 1:
         parts = values[0].split(",")
         if len(parts) <= MAX_TAKEN and all(_ID.fullmatch(part) for part in parts):
-            ids = frozenset(int(part) for part in parts)
-            if all(0 < command_id <= MAX_BIGINT for command_id in ids):
-                return ids
+            return frozenset(int(part) for part in parts)
     raise ValidationFailed(f"the taken parameter {message}", errors=(FieldError("taken", message),))
 
 

@@ -223,6 +223,24 @@ async def test_a_malformed_csr_is_a_400(enroller: Enroller, csr: str) -> None:
     assert body["status"] == 400
 
 
+async def test_the_firewall_leaves_the_csr_to_gateway_auth_and_inspects_the_rest(
+    enroller: Enroller,
+) -> None:
+    """A CSR is random base64, which the CRS refused now and then (about one in 25 to 130
+    enrollments failed at random): the firewall does not inspect that one field, and
+    gateway_auth parses it strictly; the token field is still inspected."""
+    token = await enroller.token("acme", "prod")
+    hostile = "1' OR '1'='1' UNION SELECT secret FROM tokens -- <script>alert(1)</script>"
+    status, body = await enroller.enroll(token, hostile)
+    assert status == 400, body  # gateway_auth's: not a CSR
+    status, body = await enroller.enroll(hostile, make_csr(new_key(), "agent-1"))
+    assert status == 403, body
+    assert "firewall" in body["detail"], body
+    # The token was not used by either attempt.
+    status, _ = await enroller.enroll(token, make_csr(new_key(), "agent-1"))
+    assert status == 201
+
+
 async def test_gateway_auth_names_invalid_fields_like_the_api(enroller: Enroller) -> None:
     """422 field names are JSON-path-like from the body's root in every service: ``$`` for
     the whole body (gateway_auth said ``body`` before), keys after dots."""

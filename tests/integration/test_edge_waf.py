@@ -358,8 +358,13 @@ def test_the_agent_request_line_grammar_admits_every_agent_route() -> None:
             assert grammar.fullmatch(f"{op.method} {target} HTTP/1.1"), (op.name, target)
     # An event id's ':' may come percent-encoded, as URL encoders write it ...
     assert grammar.fullmatch("GET /v1/events/ev%3A0b1c%3a17 HTTP/1.1")
+    # Both parameters of the poll, in either order, the ids' commas escaped or not ...
+    for query in ("wait=5&taken=1,22,333", "taken=1%2C22%2c333&wait=5", "taken=7"):
+        assert grammar.fullmatch(f"GET /v1/commands?{query} HTTP/1.1"), query
     # ... and nothing else in a query string, and no other escape in a path.
     assert not grammar.fullmatch("GET /v1/commands?wait=1&x=2 HTTP/1.1")
+    for query in ("taken=1,", "taken=1;2", "taken=" + ",".join(["1"] * 101), "wait=1&wait=2"):
+        assert not grammar.fullmatch(f"GET /v1/commands?{query} HTTP/1.1"), query
     assert not grammar.fullmatch("GET /v1/events/../x HTTP/1.1")
     for escaped in ("%2e%2e", "%2F", "%3B", "%3", "%3A%00", "%253A", "%3a%2e"):
         assert not grammar.fullmatch(f"GET /v1/events/{escaped} HTTP/1.1"), escaped
