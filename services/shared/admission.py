@@ -85,19 +85,22 @@ class Lane:
             async with asyncio.timeout(self.queue_s):
                 await slot
         except TimeoutError:
-            if slot.done() and not slot.cancelled():
-                # Handed a slot just as the wait ended: pass it on.
-                self.leave()
-            else:
-                self.waiters.remove(slot)
+            self._abandon(slot)
             return False
         except BaseException:
-            if slot.done() and not slot.cancelled():
-                self.leave()
-            elif slot in self.waiters:
-                self.waiters.remove(slot)
+            self._abandon(slot)
             raise
         return True
+
+    def _abandon(self, slot: asyncio.Future[None]) -> None:
+        """A waiter stops waiting (its time is up, or its request was cancelled)."""
+        if slot.done() and not slot.cancelled():
+            # Handed a slot just as the wait ended: pass it on.
+            self.leave()
+        elif slot in self.waiters:
+            # Not when a slot freed after the wait was cancelled: leave() skipped
+            # the cancelled waiter and took it off already.
+            self.waiters.remove(slot)
 
     def leave(self) -> None:
         """Give the slot to the longest waiter still waiting, or free it."""

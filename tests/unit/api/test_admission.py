@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.api.admission import AdmissionSettings, admission
-from services.shared.admission import OVERLOADED_TYPE
+from services.shared.admission import OVERLOADED_TYPE, Lane
 from tests.support.waiting import until
 
 Client = TestClient[web.Request, web.Application]
@@ -174,3 +174,21 @@ async def test_a_request_waits_for_a_slot_in_arrival_order_up_to_queue_s() -> No
         gate.set()
         assert await held_task == 202
         assert lane.in_flight == 0
+
+
+async def test_a_waiter_whose_wait_ended_as_a_slot_freed_leaves_the_counts_right() -> None:
+    """The wait's end cancels the waiter's future before the waiter runs again; a slot
+    freed in between skips it (and takes it off the queue) and goes to the next one."""
+    lane = Lane("events", 1, queue_s=5, max_waiting=4)
+    assert await lane.enter()
+    first = asyncio.create_task(lane.enter())
+    second = asyncio.create_task(lane.enter())
+    await until(lambda: len(lane.waiters) == 2, what="two waiters")
+    first.cancel()  # as its timeout would, first cancelling the future it awaits
+    lane.leave()  # a request finishes before the first waiter runs again
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await second
+    assert (lane.in_flight, len(lane.waiters)) == (1, 0)
+    lane.leave()
+    assert lane.in_flight == 0
