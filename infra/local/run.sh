@@ -56,7 +56,7 @@ Fleetplane is running (everything on 127.0.0.1):
   agent edge (mTLS)   https://127.0.0.1:$EDGE_PORT        certificates in $PKI_DIR
   operator edge       https://127.0.0.1:$OPERATOR_PORT        key: $KEY
   agent enrollment    https://127.0.0.1:$ENROLL_PORT        POST /v1/enroll with a token and a CSR
-  gateway_auth        https://127.0.0.1:$GATEWAY_AUTH_PORT        (behind the edge; checks every agent request)
+  gateway_auth        https://127.0.0.1:$GATEWAY_AUTH_PORT        (behind the edge; enrollment, renewal, revocations)
   API instances       $(for p in $API_PORTS; do printf 'https://127.0.0.1:%s ' "$p"; done)
   controllers         $(for p in $CONTROLLER_PORTS; do printf 'http://127.0.0.1:%s/status ' "$p"; done)
   Kafka               127.0.0.1:$KAFKA_PORT        PostgreSQL 127.0.0.1:$PG_PORT

@@ -59,7 +59,6 @@ from services.shared.problems import (
     ServiceUnavailable,
     ValidationFailed,
 )
-from services.shared.revocations import REVOKED, UNKNOWN_ISSUER
 from services.shared.web.body import read_json_body as read_body
 from services.shared.web.database import database_errors as shared_database_errors
 from services.shared.web.tls import peer_cert as _peer_cert
@@ -89,30 +88,18 @@ async def agent_certificate(request: web.Request) -> AgentCertificate:
 
     The check (``services.shared.certificate_check``) refuses a revoked
     certificate, one of a retired or unknown issuing CA and one with ambiguous
-    names: 403 ``certificate-refused``. An issuing CA this process has not heard
-    of may have been registered a moment ago (its NOTIFY still on the way): the
-    database decides before the refusal. Raises Unauthenticated or Forbidden
-    for a request that is not an agent's through the edge.
+    names: 403 ``certificate-refused``. Before refusing what a change whose
+    NOTIFY is still on the way would allow (a CA just registered, a certificate
+    just issued), it asks the database. Raises Unauthenticated or Forbidden for
+    a request that is not an agent's through the edge.
     """
     certificate = agent_certificate_from_request(
         request.headers.items(),
         _peer_cert(request),
         edge_cn=request.app[SETTINGS].edge_client_cn,
     )
-    check = request.app[WATCH].check
-    reason = check.check(certificate)
-    if reason == UNKNOWN_ISSUER and certificate.issuer_dn is not None:
-        with database_errors(request, "issuing CA lookup"):
-            issuer = await request.app[REPOSITORY].issuer(certificate.issuer_dn)
-        if issuer is not None:
-            check.note_issuer(issuer.subject_dn, issuer.retire_at)
-            reason = check.check(certificate)
-    serial = check.unrecorded_serial(certificate) if reason == REVOKED else None
-    if serial is not None:
-        with database_errors(request, "certificate lookup"):
-            issued_at = await request.app[REPOSITORY].certificate_issued_at(serial)
-        check.note_lookup(serial, issued_at)
-        reason = check.check(certificate)
+    with database_errors(request, "certificate check lookup"):
+        reason = await request.app[WATCH].check.check_against(certificate, request.app[REPOSITORY])
     if reason is not None:
         raise CertificateRevoked(reason)
     log.debug(

@@ -12,6 +12,7 @@ from sqlalchemy import ColumnElement, Row, ScalarSelect, Select, Table, func, se
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.settings import ApiSettings
+from services.shared.certificate_check import IssuerRecord
 from services.shared.commands import Command, CommandResource
 from services.shared.db import create_engine, pool_use
 from services.shared.identity import AgentIdentity
@@ -52,14 +53,6 @@ class EnvironmentRow:
     observed_revision: int
     pending_commands: int
     agents: int
-
-
-@dataclass(frozen=True, slots=True)
-class IssuerRecord:
-    """A registered issuing CA: the per-request check asks for one it has not heard of yet."""
-
-    subject_dn: str
-    retire_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

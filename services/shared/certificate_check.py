@@ -14,7 +14,7 @@ The API checks every agent request this way, and gateway_auth its renewals:
 both follow the same trust state (reloaded on the identity NOTIFY within
 milliseconds of a change, and on a timer), so there is no second hop per
 request and no cached verdict that outlives a revocation. docs/threat-model.md
-("Per-request certificate check") gives the security argument.
+("Where the per-request check runs") gives the security argument.
 
 Plain logic and two metrics; no aiohttp, no database driver.
 """
@@ -23,21 +23,41 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import Counter, Histogram
 
 from services.shared.certificate_names import NameCheck
 from services.shared.edge_auth import AgentCertificate
 from services.shared.problems import ServiceUnavailable, Unauthenticated
-from services.shared.revocations import TrustState, normal_serial
+from services.shared.revocations import REVOKED, UNKNOWN_ISSUER, TrustState, normal_serial
 
 log = logging.getLogger(__name__)
 
 MAX_OBSERVED: Final = 100_000
 """Bounds the set of certificates whose first refusal was measured."""
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerRecord:
+    """A registered issuing CA, as the database has it."""
+
+    subject_dn: str
+    retire_at: datetime | None
+
+
+class TrustRecords(Protocol):
+    """The records a loaded trust state may be too young to know (the database)."""
+
+    async def issuer(self, subject_dn: str) -> IssuerRecord | None:
+        """The registered issuing CA with this subject DN, or None."""
+        ...
+
+    async def certificate_issued_at(self, serial: str) -> datetime | None:
+        """When the certificate with this serial (normalised) was issued, or None."""
+        ...
 
 
 class CertificateCheck:
@@ -74,7 +94,31 @@ class CertificateCheck:
         # A reloaded state knows every recorded certificate its revocations cover.
         self._not_recorded.clear()
 
-    def unrecorded_serial(self, certificate: AgentCertificate) -> str | None:
+    async def check_against(
+        self, certificate: AgentCertificate, records: TrustRecords
+    ) -> str | None:
+        """``check``, asking ``records`` before a refusal the state may be too young for.
+
+        An issuing CA registered since the state was loaded (a rotation), and a
+        certificate issued into a revoked scope since (the operator let the agent
+        enroll again), are refused by a state whose NOTIFY is still on the way:
+        the records decide before either refusal, once per loaded state. Errors of
+        ``records`` propagate.
+        """
+        reason = self.check(certificate)
+        if reason == UNKNOWN_ISSUER and certificate.issuer_dn is not None:
+            issuer = await records.issuer(certificate.issuer_dn)
+            if issuer is not None:
+                self.note_issuer(issuer.subject_dn, issuer.retire_at)
+                reason = self.check(certificate)
+        if reason == REVOKED:
+            serial = self._unrecorded_serial(certificate)
+            if serial is not None:
+                self._note_lookup(serial, await records.certificate_issued_at(serial))
+                reason = self.check(certificate)
+        return reason
+
+    def _unrecorded_serial(self, certificate: AgentCertificate) -> str | None:
         """The certificate's serial when a revocation refuses it only for want of a record.
 
         A revocation refuses a certificate the state has no issue time for (one
@@ -94,8 +138,8 @@ class CertificateCheck:
             return None
         return serial
 
-    def note_lookup(self, serial: str, issued_at: datetime | None) -> None:
-        """What the database said of an ``unrecorded_serial``: issued then, or never recorded."""
+    def _note_lookup(self, serial: str, issued_at: datetime | None) -> None:
+        """What the records said of an unrecorded serial: issued then, or never recorded."""
         if issued_at is None:
             if len(self._not_recorded) >= MAX_OBSERVED:
                 self._not_recorded.clear()

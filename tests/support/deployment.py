@@ -85,7 +85,7 @@ class Deployment:
         )
 
     def start_gateway_auth(self, extra_env: dict[str, str] | None = None) -> ServiceProcess:
-        """Start gateway_auth on the stack's port (the edge checks every agent request with it)."""
+        """Start gateway_auth on the stack's port (enrollment, renewal, revocations)."""
         port = self.fleet.stack.gateway_auth_port
         process = ServiceProcess(
             name="gateway-auth",

@@ -30,13 +30,13 @@ from services.api.repository import (
     AuditRecord,
     EnvironmentRow,
     EventStatus,
-    IssuerRecord,
     PendingCommands,
 )
 from services.api.revocation_watch import RevocationWatch
 from services.api.service import KafkaHeaders
 from services.api.settings import ApiSettings
 from services.gateway_auth.ca import CertificateAuthority
+from services.shared.certificate_check import IssuerRecord
 from services.shared.commands import Command
 from services.shared.identity import AgentIdentity
 from services.shared.operator_auth import StoredOperatorKey

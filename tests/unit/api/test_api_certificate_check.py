@@ -16,8 +16,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from sqlalchemy.exc import OperationalError
 
 from services.api.keys import WATCH
-from services.api.repository import IssuerRecord
 from services.gateway_auth.ca import CertificateAuthority, agent_subject
+from services.shared.certificate_check import IssuerRecord
 from services.shared.identity import AgentIdentity
 from services.shared.revocations import Revocation, TrustState
 
